@@ -1,0 +1,156 @@
+#version 450
+#extension GL_EXT_shader_16bit_storage : require
+// variants: f32 f16 bf16
+//
+// Decode attention, first version (correct before fast): one workgroup per (query head, query
+// token, sequence). It walks the visible positions 0..=p in tiles of WG with an online softmax
+// (running max m with a finite floor, running sum l, f32 accumulators rescaled per tile), so any
+// cache length works in one pass. Positions past p are never read, so garbage there cannot leak,
+// and a row with no visible position (p < 0) writes 0. Bindings and push constants mirror
+// src/kernels/attention.rs.
+
+#include "kv_types.glsl"
+
+const uint WG = 64;
+const uint MAX_D = 256;
+const uint ACC = MAX_D / WG;   // output dims per invocation
+const float NEG_FLOOR = -3.0e38; // finite: -inf would make exp(m - m_new) NaN on the first tile
+
+layout(local_size_x = 64) in;
+
+// Mutants (src/kernels/attention.rs): 0 none.
+layout(constant_id = 0) const uint MUTANT = 0;
+const uint M_CAUSAL_OFF_BY_ONE = 1;
+const uint M_GQA_MODULO = 2;
+const uint M_NO_MAX_SUBTRACT = 3;
+const uint M_F16_ACCUMULATE = 4;
+const uint M_V_MISREAD = 5;
+
+layout(push_constant) uniform Params {
+    uint n_queries;
+    uint n_q_heads;
+    uint n_kv_heads;
+    uint head_dim;
+    uint stride_seq;
+    uint stride_head;
+    uint stride_pos;
+    uint capacity;
+    float scale;
+    uint n_seqs;
+} p;
+
+layout(std430, binding = 0) readonly buffer Q { float q[]; };
+layout(std430, binding = 1) readonly buffer SeqLens { uint seq_lens[]; };
+layout(std430, binding = 2) readonly buffer KCache { KV_T k_cache[]; };
+layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
+layout(std430, binding = 4) writeonly buffer Out { float o[]; };
+
+shared float q_s[MAX_D];
+shared float p_s[WG];
+shared float red[WG];
+
+float reduce_max(float x) {
+    uint tid = gl_LocalInvocationID.x;
+    red[tid] = x;
+    barrier();
+    for (uint s = WG / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] = max(red[tid], red[tid + s]);
+        barrier();
+    }
+    float r = red[0];
+    barrier();
+    return r;
+}
+
+float reduce_sum(float x) {
+    uint tid = gl_LocalInvocationID.x;
+    red[tid] = x;
+    barrier();
+    for (uint s = WG / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] += red[tid + s];
+        barrier();
+    }
+    float r = red[0];
+    barrier();
+    return r;
+}
+
+float load_k(uint idx) {
+    return idx < k_cache.length() ? kv_load(uint(k_cache[idx])) : 0.0;
+}
+
+float load_v(uint idx) {
+    if (idx >= v_cache.length()) return 0.0;
+    return MUTANT == M_V_MISREAD ? kv_load_misread(uint(v_cache[idx])) : kv_load(uint(v_cache[idx]));
+}
+
+void main() {
+    uint h = gl_WorkGroupID.x;
+    uint t = gl_WorkGroupID.y;
+    uint b = gl_WorkGroupID.z;
+    uint tid = gl_LocalInvocationID.x;
+    uint D = min(p.head_dim, MAX_D);
+    if (b >= p.n_seqs || b >= seq_lens.length()) return;   // uniform per workgroup
+
+    uint group = max(p.n_q_heads / max(p.n_kv_heads, 1u), 1u);
+    uint kvh = MUTANT == M_GQA_MODULO ? h % p.n_kv_heads : h / group;
+    uint len = min(seq_lens[b], p.capacity);
+    int pos = int(len) - int(p.n_queries) + int(t);
+    uint n_valid = pos < 0 ? 0u : uint(pos) + 1u;
+    if (MUTANT == M_CAUSAL_OFF_BY_ONE) n_valid = min(n_valid + 1u, p.capacity);
+
+    uint q_base = ((b * p.n_queries + t) * p.n_q_heads + h) * p.head_dim;
+    for (uint d = tid; d < D; d += WG) {
+        uint idx = q_base + d;
+        q_s[d] = idx < q.length() ? q[idx] : 0.0;
+    }
+    barrier();
+
+    uint kv_base = b * p.stride_seq + kvh * p.stride_head;
+    float m = NEG_FLOOR;
+    float l = 0.0;
+    float acc[ACC];
+    for (uint i = 0; i < ACC; ++i) acc[i] = 0.0;
+
+    for (uint base = 0; base < n_valid; base += WG) {
+        uint j = base + tid;
+        float s = NEG_FLOOR;
+        if (j < n_valid) {
+            uint off = kv_base + j * p.stride_pos;
+            float dot = 0.0;
+            for (uint d = 0; d < D; ++d) dot += q_s[d] * load_k(off + d);
+            s = dot * p.scale;
+        }
+        float m_new = max(m, reduce_max(s));
+        float e;
+        float alpha;
+        if (MUTANT == M_NO_MAX_SUBTRACT) {
+            e = j < n_valid ? exp(s) : 0.0;
+            alpha = 1.0;
+        } else {
+            e = j < n_valid ? exp(s - m_new) : 0.0;
+            alpha = exp(m - m_new);
+        }
+        p_s[tid] = e;
+        l = l * alpha + reduce_sum(e);   // the reduction's barriers also publish p_s
+        uint n_tile = min(WG, n_valid - base);
+        for (uint i = 0; i < ACC; ++i) {
+            uint d = tid + i * WG;
+            if (d < D) {
+                float a = acc[i] * alpha;
+                for (uint jj = 0; jj < n_tile; ++jj) {
+                    a += p_s[jj] * load_v(kv_base + (base + jj) * p.stride_pos + d);
+                }
+                acc[i] = MUTANT == M_F16_ACCUMULATE ? unpackHalf2x16(packHalf2x16(vec2(a, 0.0))).x : a;
+            }
+        }
+        m = m_new;
+        barrier();   // p_s is rewritten by the next tile
+    }
+
+    for (uint i = 0; i < ACC; ++i) {
+        uint d = tid + i * WG;
+        uint idx = q_base + d;
+        if (d < D && idx < o.length()) o[idx] = n_valid == 0u ? 0.0 : acc[i] / l;
+    }
+}

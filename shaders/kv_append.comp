@@ -1,0 +1,51 @@
+#version 450
+#extension GL_EXT_shader_16bit_storage : require
+// variants: f32 f16 bf16
+//
+// KV-cache append: writes n_new tokens of K and V per sequence into the caches at positions
+// start[b] + t, converting f32 to the cache type. One invocation per element; nothing outside
+// the written slots is touched. Bindings and push constants mirror src/kernels/kv_append.rs.
+
+#include "kv_types.glsl"
+
+layout(local_size_x = 64) in;
+
+// Mutants (src/kernels/kv_append.rs): 0 none, 1 slot off by one, 2 truncate instead of RNE.
+layout(constant_id = 0) const uint MUTANT = 0;
+const uint M_SLOT_OFF_BY_ONE = 1;
+const uint M_TRUNCATE = 2;
+
+layout(push_constant) uniform Params {
+    uint n_seqs;
+    uint n_new;
+    uint n_kv_heads;
+    uint head_dim;
+    uint stride_seq;
+    uint stride_head;
+    uint stride_pos;
+    uint capacity;
+    uint total;        // n_seqs * n_new * n_kv_heads * head_dim
+    uint row_groups;   // workgroups along x (the grid is 2-D when it exceeds the x limit)
+} p;
+
+layout(std430, binding = 0) readonly buffer NewK { uint new_k[]; };
+layout(std430, binding = 1) readonly buffer NewV { uint new_v[]; };
+layout(std430, binding = 2) readonly buffer Start { uint start_pos[]; };
+layout(std430, binding = 3) buffer KCache { KV_T k_cache[]; };
+layout(std430, binding = 4) buffer VCache { KV_T v_cache[]; };
+
+void main() {
+    uint i = (gl_WorkGroupID.y * p.row_groups + gl_WorkGroupID.x) * 64u + gl_LocalInvocationID.x;
+    if (i >= p.total || i >= new_k.length() || i >= new_v.length()) return;
+    uint d = i % p.head_dim;
+    uint h = (i / p.head_dim) % p.n_kv_heads;
+    uint t = (i / (p.head_dim * p.n_kv_heads)) % p.n_new;
+    uint b = i / (p.head_dim * p.n_kv_heads * p.n_new);
+    if (b >= p.n_seqs || b >= start_pos.length()) return;
+    uint pos = start_pos[b] + t + (MUTANT == M_SLOT_OFF_BY_ONE ? 1u : 0u);
+    if (pos >= p.capacity) return;
+    uint off = b * p.stride_seq + h * p.stride_head + pos * p.stride_pos + d;
+    bool truncate = MUTANT == M_TRUNCATE;
+    if (off < k_cache.length()) k_cache[off] = KV_T(kv_store(new_k[i], truncate));
+    if (off < v_cache.length()) v_cache[off] = KV_T(kv_store(new_v[i], truncate));
+}

@@ -1,0 +1,156 @@
+//! Turns a case into the exact bytes the GPU sees, and the values the reference sees.
+//!
+//! Generation is a pure function of the case (seeded [`Rng`] streams), so the CLI, the tests, the
+//! fuzzer and `replay --dump` all see identical inputs. Cache bytes start as poison everywhere;
+//! only visible elements get real values, already rounded to the cache dtype.
+
+use vkdecode_reference::dtype::{decode, encode, load, store};
+
+use super::model::{AppendCase, AppendValues, AttentionCase, Dist, Poison};
+use super::rng::Rng;
+use crate::kernels::attention::AttentionParams;
+use crate::kernels::kv_append::AppendParams;
+use crate::kernels::{Dtype, ParamError};
+
+/// Everything one attention call reads.
+#[derive(Clone, Debug)]
+pub struct AttentionInputs {
+    pub params: AttentionParams,
+    /// `[B][n_queries][H][D]`
+    pub q: Vec<f32>,
+    pub seq_lens: Vec<u32>,
+    /// Raw cache bytes (poison included), as uploaded.
+    pub k_bytes: Vec<u8>,
+    pub v_bytes: Vec<u8>,
+    /// The same caches decoded to f32 (what the reference reads).
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Everything one append reads, and the cache contents before it.
+#[derive(Clone, Debug)]
+pub struct AppendInputs {
+    pub params: AppendParams,
+    /// `[B][n_new][Hkv][D]`
+    pub new_k: Vec<f32>,
+    pub new_v: Vec<f32>,
+    pub starts: Vec<u32>,
+    /// Cache bytes before the append: random canary bytes, so any stray write shows.
+    pub k_before: Vec<u8>,
+    pub v_before: Vec<u8>,
+}
+
+fn draw(rng: &mut Rng, dist: Dist) -> f32 {
+    match dist {
+        Dist::Normal { mean, std } => (f64::from(mean) + f64::from(std) * rng.normal()) as f32,
+        Dist::Uniform { lo, hi } => (f64::from(lo) + (f64::from(hi) - f64::from(lo)) * rng.unit()) as f32,
+    }
+}
+
+fn poison_bits(dtype: Dtype, poison: Poison, rng: &mut Rng) -> u32 {
+    match (poison, dtype) {
+        (Poison::Nan, Dtype::F32) => 0x7fc0_0000,
+        (Poison::Nan, Dtype::F16) => 0x7e00,
+        (Poison::Nan, Dtype::Bf16) => 0x7fc0,
+        (Poison::Inf, Dtype::F32) => 0x7f80_0000,
+        (Poison::Inf, Dtype::F16) => 0x7c00,
+        (Poison::Inf, Dtype::Bf16) => 0x7f80,
+        (Poison::Garbage, Dtype::F32) => rng.next_u32(),
+        (Poison::Garbage, _) => rng.next_u32() & 0xffff,
+        (Poison::Zero, _) => 0,
+    }
+}
+
+/// Materializes an attention case.
+pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamError> {
+    let params = case.params()?;
+    let p = &params;
+    let layout = p.layout;
+    let dtype = p.dtype;
+    let seed = case.data.seed;
+
+    let mut rng = Rng::stream(seed, "q");
+    let q: Vec<f32> = (0..p.q_elements()).map(|_| draw(&mut rng, case.data.q)).collect();
+
+    let n = layout.min_elements();
+    let mut k_bytes = vec![0u8; n * dtype.size()];
+    let mut v_bytes = vec![0u8; n * dtype.size()];
+    let mut poison_rng = Rng::stream(seed, "poison");
+    for i in 0..n {
+        store(dtype, &mut k_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+        store(dtype, &mut v_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+    }
+    let (mut krng, mut vrng) = (Rng::stream(seed, "k"), Rng::stream(seed, "v"));
+    let group = p.n_q_heads / p.n_kv_heads;
+    for (b, &len) in case.seq_lens.iter().enumerate() {
+        for h in 0..p.n_kv_heads {
+            for pos in 0..len {
+                for d in 0..p.head_dim {
+                    let i = layout.offset(b, h, pos, d);
+                    let mut kx = draw(&mut krng, case.data.k);
+                    if let Some(peak) = case.data.peak
+                        && peak.position == pos
+                    {
+                        // Align with the group's first head of the last query token.
+                        let qi = ((b * p.n_queries + p.n_queries - 1) * p.n_q_heads + h * group) * p.head_dim + d;
+                        kx = peak.gain * q[qi];
+                    }
+                    store(dtype, &mut k_bytes, i, encode(dtype, kx));
+                    store(dtype, &mut v_bytes, i, encode(dtype, draw(&mut vrng, case.data.v)));
+                }
+            }
+        }
+    }
+    let k = (0..n).map(|i| decode(dtype, load(dtype, &k_bytes, i))).collect();
+    let v = (0..n).map(|i| decode(dtype, load(dtype, &v_bytes, i))).collect();
+    let seq_lens = case.seq_lens.iter().map(|&l| l as u32).collect();
+    Ok(AttentionInputs { params, q, seq_lens, k_bytes, v_bytes, k, v })
+}
+
+/// One hostile f32 for conversion to `dtype`.
+fn hostile(rng: &mut Rng, dtype: Dtype) -> f32 {
+    let sign = if rng.below(2) == 0 { 0 } else { 0x8000_0000u32 };
+    let bits = match rng.below(20) {
+        0..=7 => return rng.normal() as f32,
+        // Exactly halfway between two representable values of the cache type.
+        8 | 9 => match dtype {
+            Dtype::F16 => {
+                let h = 0x0400 + rng.below(0x7800 - 0x0400) as u32; // a normal f16
+                decode(Dtype::F16, h).to_bits() | 0x1000 | sign // + half an f16 ulp
+            }
+            _ => ((rng.next_u32() & 0x7f7f_0000) | 0x8000) | sign,
+        },
+        // f16 subnormal range, including ties at its bottom.
+        10 => (((rng.below(0x0400) as u32) << 13) + 0x3300_0000 + (rng.next_u32() & 0x1fff)) | sign,
+        11 => (rng.next_u32() & 0x007f_ffff) | sign, // f32 denormal
+        12 => (0x4780_0000 + (rng.next_u32() & 0x07ff_ffff)) | sign, // past the f16 range
+        13 => 0x7f80_0000 | (1 + rng.below(0x007f_ffff) as u32) | sign, // NaN with payload
+        14 => 0x7f80_0000 | sign,
+        15 => sign,
+        _ => rng.next_u32(),
+    };
+    f32::from_bits(bits)
+}
+
+/// Materializes an append case.
+pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
+    let params = case.params()?;
+    let seed = case.data.seed;
+    let n_new = params.new_elements();
+    let value = |stream: &str| {
+        let mut rng = Rng::stream(seed, stream);
+        (0..n_new)
+            .map(|_| match case.data.values {
+                AppendValues::Normal => rng.normal() as f32,
+                AppendValues::Hostile => hostile(&mut rng, params.dtype),
+            })
+            .collect::<Vec<f32>>()
+    };
+    let (new_k, new_v) = (value("new_k"), value("new_v"));
+    let bytes = params.layout.min_elements() * params.dtype.size();
+    let mut canary = Rng::stream(seed, "canary");
+    let k_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
+    let v_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
+    let starts = case.starts.iter().map(|&s| s as u32).collect();
+    Ok(AppendInputs { params, new_k, new_v, starts, k_before, v_before })
+}

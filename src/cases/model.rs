@@ -1,0 +1,318 @@
+//! The case model: a complete, reproducible description of one kernel test as JSON.
+//!
+//! A case names shapes, dtype, layout, positions and how to generate its data (a seed and value
+//! distributions), never the data itself, so files stay small and any tool can regenerate the
+//! inputs (`vkdecode replay --dump`). Unknown fields are rejected so a typo is an error, not a
+//! silently different case. `expect: "fail"` marks a case that must fail (a known bug kept as
+//! data); an unexpected pass is then a failure.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::attention::{AttentionParams, MAX_GQA_RATIO, MAX_QUERIES};
+use crate::kernels::kv_append::AppendParams;
+use crate::kernels::{CacheLayout, Dtype, ParamError, invalid};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kernel", rename_all = "snake_case")]
+pub enum Case {
+    Attention(AttentionCase),
+    KvAppend(AppendCase),
+}
+
+impl Case {
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            Case::Attention(_) => "attention",
+            Case::KvAppend(_) => "kv_append",
+        }
+    }
+
+    pub fn expect(&self) -> Expect {
+        match self {
+            Case::Attention(c) => c.expect,
+            Case::KvAppend(c) => c.expect,
+        }
+    }
+
+    pub fn description(&self) -> &str {
+        match self {
+            Case::Attention(c) => &c.description,
+            Case::KvAppend(c) => &c.description,
+        }
+    }
+}
+
+/// What running a case must give.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    #[default]
+    Pass,
+    Fail,
+}
+
+/// Cache layout family; `pad` extra elements follow each row of `head_dim`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutKind {
+    /// [seq][kv_head][pos][dim]
+    #[default]
+    HeadMajor,
+    /// [seq][pos][kv_head][dim]
+    TokenMajor,
+}
+
+impl LayoutKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayoutKind::HeadMajor => "head_major",
+            LayoutKind::TokenMajor => "token_major",
+        }
+    }
+}
+
+/// A distribution of f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Dist {
+    Normal {
+        #[serde(default)]
+        mean: f32,
+        std: f32,
+    },
+    Uniform {
+        lo: f32,
+        hi: f32,
+    },
+}
+
+impl Default for Dist {
+    fn default() -> Self {
+        Dist::Normal { mean: 0.0, std: 1.0 }
+    }
+}
+
+/// What fills every cache element the kernel must not read (positions at or past a sequence's
+/// length, row padding), so that a read of one shows in the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Poison {
+    #[default]
+    Nan,
+    Inf,
+    /// Random bit patterns (NaNs, Infs, huge and tiny values).
+    Garbage,
+    /// Zeros: no poison (for cases that want a clean cache).
+    Zero,
+}
+
+/// One visible position whose key is made to dominate: K = gain × the group's first query head.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peak {
+    pub position: usize,
+    pub gain: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionData {
+    pub seed: u64,
+    #[serde(default)]
+    pub q: Dist,
+    #[serde(default)]
+    pub k: Dist,
+    #[serde(default)]
+    pub v: Dist,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Peak>,
+    #[serde(default)]
+    pub poison: Poison,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionCase {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub dtype: Dtype,
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    #[serde(default = "one")]
+    pub n_queries: usize,
+    /// Valid cache positions of each sequence (the batch size is its length).
+    pub seq_lens: Vec<usize>,
+    pub capacity: usize,
+    #[serde(default)]
+    pub layout: LayoutKind,
+    #[serde(default)]
+    pub pad: usize,
+    /// Softmax scale; default 1/sqrt(head_dim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
+    pub data: AttentionData,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+/// How new K/V values of an append are drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppendValues {
+    /// Standard normal values.
+    Normal,
+    /// A mix built to break conversions: exact rounding ties, f16 subnormals, f32 denormals,
+    /// values past the f16 range, NaN with payloads, ±Inf, ±0 and raw bit patterns.
+    #[default]
+    Hostile,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendData {
+    pub seed: u64,
+    #[serde(default)]
+    pub values: AppendValues,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendCase {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub dtype: Dtype,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    #[serde(default = "one")]
+    pub n_new: usize,
+    /// First written position of each sequence (the batch size is its length).
+    pub starts: Vec<usize>,
+    pub capacity: usize,
+    #[serde(default)]
+    pub layout: LayoutKind,
+    #[serde(default)]
+    pub pad: usize,
+    pub data: AppendData,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Largest number of elements a case may describe (keeps every product in range and the host
+/// memory of one case bounded).
+const MAX_CASE_ELEMENTS: usize = 1 << 31;
+
+/// The layout a case describes, with overflow checked (a case file can hold any numbers).
+fn layout(
+    kind: LayoutKind,
+    n_seqs: usize,
+    n_kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    pad: usize,
+) -> Result<CacheLayout, ParamError> {
+    let total = [n_seqs, n_kv_heads, capacity, head_dim.saturating_add(pad)]
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .filter(|&n| n <= MAX_CASE_ELEMENTS);
+    if total.is_none() {
+        return Err(invalid(
+            "capacity",
+            format!("the cache (seqs × kv heads × capacity × (head_dim + pad)) exceeds {MAX_CASE_ELEMENTS} elements"),
+        ));
+    }
+    Ok(match kind {
+        LayoutKind::HeadMajor => CacheLayout::head_major(n_seqs, n_kv_heads, capacity, head_dim, pad),
+        LayoutKind::TokenMajor => CacheLayout::token_major(n_seqs, n_kv_heads, capacity, head_dim, pad),
+    })
+}
+
+impl AttentionCase {
+    /// The kernel parameters, after the checks that need no device.
+    pub fn params(&self) -> Result<AttentionParams, ParamError> {
+        if self.seq_lens.is_empty() {
+            return Err(invalid("seq_lens", "needs at least one sequence"));
+        }
+        if self.n_queries == 0 || self.n_queries > MAX_QUERIES {
+            return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
+        }
+        if self.n_kv_heads == 0 || self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 {
+            return Err(invalid(
+                "n_q_heads",
+                format!("{} must be a positive multiple of n_kv_heads ({})", self.n_q_heads, self.n_kv_heads),
+            ));
+        }
+        if self.n_q_heads / self.n_kv_heads > MAX_GQA_RATIO {
+            return Err(invalid("n_q_heads", format!("GQA ratio exceeds {MAX_GQA_RATIO}")));
+        }
+        crate::kernels::check_head_dim(self.head_dim)?;
+        if let Some((b, &len)) = self.seq_lens.iter().enumerate().find(|&(_, &l)| l > self.capacity) {
+            return Err(invalid("seq_lens", format!("sequence {b}: length {len} exceeds capacity {}", self.capacity)));
+        }
+        if let Some(peak) = self.data.peak
+            && peak.position >= self.capacity
+        {
+            return Err(invalid(
+                "data.peak.position",
+                format!("{} is not below capacity {}", peak.position, self.capacity),
+            ));
+        }
+        let n_seqs = self.seq_lens.len();
+        if n_seqs * self.n_queries * self.n_q_heads * self.head_dim > MAX_CASE_ELEMENTS {
+            return Err(invalid("seq_lens", "Q is too large"));
+        }
+        let layout = layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?;
+        let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt());
+        if !scale.is_finite() {
+            return Err(invalid("scale", "must be finite"));
+        }
+        Ok(AttentionParams {
+            n_seqs,
+            n_queries: self.n_queries,
+            n_q_heads: self.n_q_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            layout,
+            scale,
+        })
+    }
+}
+
+impl AppendCase {
+    /// The kernel parameters, after the checks that need no device.
+    pub fn params(&self) -> Result<AppendParams, ParamError> {
+        if self.starts.is_empty() {
+            return Err(invalid("starts", "needs at least one sequence"));
+        }
+        if self.n_new == 0 || self.n_new > self.capacity {
+            return Err(invalid("n_new", format!("{} is not in 1..=capacity ({})", self.n_new, self.capacity)));
+        }
+        if self.n_kv_heads == 0 {
+            return Err(invalid("n_kv_heads", "must be at least 1"));
+        }
+        crate::kernels::check_head_dim(self.head_dim)?;
+        if let Some((b, &s)) =
+            self.starts.iter().enumerate().find(|&(_, &s)| s.saturating_add(self.n_new) > self.capacity)
+        {
+            return Err(invalid(
+                "starts",
+                format!("sequence {b}: start {s} + n_new {} exceeds capacity {}", self.n_new, self.capacity),
+            ));
+        }
+        let n_seqs = self.starts.len();
+        let layout = layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?;
+        Ok(AppendParams {
+            n_seqs,
+            n_new: self.n_new,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            layout,
+        })
+    }
+}

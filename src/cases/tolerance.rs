@@ -1,0 +1,73 @@
+//! Every tolerance of the suite, derived once, here. Never loosen one to make a test pass.
+//!
+//! # KV append: bit-exact
+//! Conversion f32 → f16/bf16 is round-to-nearest-even with canonical NaNs, fully specified, and
+//! done in integer arithmetic on the GPU. Every byte of both caches must equal the reference's,
+//! which also proves that no byte outside the written slots changed.
+//!
+//! # Decode attention: a worst-case element bound plus an NMSE ceiling
+//! The reference computes in f64 on the very values the GPU read, so the difference is the
+//! kernel's f32 arithmetic alone. With u = 2⁻²⁴ (f32 unit roundoff), for one output row with
+//! n visible positions, head dim D, S = scale·maxⱼ Σ_d |q_d·k_jd| and V = maxⱼ,d |v_jd|:
+//!
+//! 1. Scores: an f32 dot product of D terms, then ×scale: |δs_j| ≤ (D+2)·u·S (standard bound
+//!    γ_D on Σ|q_d k_jd|, plus the scaling). The running max m carries the same error, so every
+//!    exponent s_j − m is off by at most 2(D+2)·u·S.
+//! 2. exp: Vulkan allows 3 + 2|x| ULP (≤ (6 + 4|x|)·u relative), and forming x = s_j − m adds
+//!    u|x|. Weighted by the softmax weights w_j, Σ w_j|x_j| is the softmax entropy ≤ ln n, so
+//!    this contributes at most (6 + 5 ln n)·u to the weighted relative error of the weights.
+//! 3. A weighted relative error ε of the weights moves the normalised output by at most 2ε·V
+//!    (numerator and denominator both move).
+//! 4. Accumulation of Σ e_j v_jd and of l: n products and sequential sums plus one rescale per
+//!    tile of 64 (at most n + n/64 + 8 roundings, each ≤ u relative to the partial sums, which
+//!    are bounded by l·V), and the final division: ≤ (1.02·n + 10)·u·V, twice (numerator and l).
+//!
+//! Total: |o − o_ref| ≤ u·V·(4(D+2)·S + 12 + 10 ln n + 2.04·n + 20) + ABS_FLOOR, where ABS_FLOOR
+//! covers devices that flush f32 denormals (each of the n + D terms may lose < 2⁻¹²⁶).
+//! A row with no visible position must be exactly 0.
+//!
+//! These are worst-case bounds; the NMSE ceiling is the one test-backend-ops uses for
+//! FLASH_ATTN_EXT (5e-4), so anything passing here also passes there. Mutants are caught by cases
+//! whose errors are orders of magnitude past the bound (see tests/mutants.rs), not by tuning it.
+
+/// f32 unit roundoff.
+pub const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// NMSE ceiling for attention outputs (test-backend-ops' FLASH_ATTN_EXT threshold).
+pub const ATTENTION_MAX_NMSE: f64 = 5e-4;
+
+/// Smallest normal f32: what one flushed denormal can lose.
+const F32_MIN_NORMAL: f64 = 1.175_494_350_822_287_5e-38;
+
+/// Worst-case bound on |o − o_ref| for every element of one attention row.
+///
+/// `n` visible positions, `head_dim` D, `max_abs_qk` = scale·maxⱼ Σ|q_d·k_jd|, `max_abs_v` = V.
+pub fn attention_element_bound(n: usize, head_dim: usize, max_abs_qk: f64, max_abs_v: f64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n_f = n as f64;
+    let d = head_dim as f64;
+    U * max_abs_v * (4.0 * (d + 2.0) * max_abs_qk + 12.0 + 10.0 * n_f.ln() + 2.04 * n_f + 20.0)
+        + (n_f + d) * F32_MIN_NORMAL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_rows_must_be_exact() {
+        assert_eq!(attention_element_bound(0, 128, 10.0, 1.0), 0.0);
+    }
+
+    #[test]
+    fn bound_grows_with_length_and_logit_size() {
+        let a = attention_element_bound(64, 128, 5.0, 1.0);
+        assert!(attention_element_bound(4096, 128, 5.0, 1.0) > a);
+        assert!(attention_element_bound(64, 128, 500.0, 1.0) > a);
+        // A typical row (D=128, |s| ~ 7, n = 4096) allows ~1e-3 of V: loose next to real f32
+        // error, tight next to any real bug (an f16 accumulator is off by ~1e-3 per tile).
+        assert!(attention_element_bound(4096, 128, 7.0, 1.0) < 2e-3);
+    }
+}

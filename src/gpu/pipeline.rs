@@ -1,0 +1,170 @@
+//! Compute pipelines from embedded SPIR-V, with specialization constants, cached per context.
+//!
+//! Every kernel binds only storage buffers (set 0, bindings 0..n) and one push-constant block, so
+//! a pipeline is fully described by its shader, binding count, push-constant size and the
+//! specialization constants. Pipelines live as long as their context (destroyed in its `Drop`).
+
+use std::sync::Arc;
+
+use ash::vk;
+
+use super::context::Context;
+use super::error::{GpuError, Result, VkContext};
+
+/// A compiled shader embedded at build time (see build.rs and [`crate::shaders`]).
+#[derive(Debug)]
+pub struct Shader {
+    /// `file.variant`, e.g. `attention.f16`.
+    pub name: &'static str,
+    pub spirv: &'static [u8],
+}
+
+/// Everything that makes a pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineDesc<'a> {
+    pub shader: &'static Shader,
+    /// Number of storage buffers, bound at set 0, bindings 0..bindings.
+    pub bindings: u32,
+    /// Size of the push-constant block in bytes (a multiple of 4, at most 128).
+    pub push_constant_bytes: u32,
+    /// Specialization constants as (constant_id, 32-bit value); floats are passed by their bits.
+    pub spec: &'a [(u32, u32)],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PipelineKey {
+    name: &'static str,
+    spec: Vec<(u32, u32)>,
+}
+
+pub struct Pipeline {
+    pub(crate) raw: vk::Pipeline,
+    pub(crate) layout: vk::PipelineLayout,
+    pub(crate) set_layout: vk::DescriptorSetLayout,
+    pub(crate) name: &'static str,
+    pub(crate) bindings: u32,
+    pub(crate) push_constant_bytes: u32,
+}
+
+impl Pipeline {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// # Safety
+    /// The pipeline must not be in use by any pending command buffer, and must come from `device`.
+    pub(crate) unsafe fn destroy(&self, device: &ash::Device) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            device.destroy_pipeline(self.raw, None);
+            device.destroy_pipeline_layout(self.layout, None);
+            device.destroy_descriptor_set_layout(self.set_layout, None);
+        }
+    }
+}
+
+impl Context {
+    /// The pipeline for `desc`, created on first use and cached for the life of the context.
+    pub fn pipeline(&self, desc: &PipelineDesc<'_>) -> Result<Arc<Pipeline>> {
+        let key = PipelineKey { name: desc.shader.name, spec: desc.spec.to_vec() };
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(self.create_pipeline(desc)?);
+        cache.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn create_pipeline(&self, desc: &PipelineDesc<'_>) -> Result<Pipeline> {
+        let name = desc.shader.name;
+        let words = ash::util::read_spv(&mut std::io::Cursor::new(desc.shader.spirv))
+            .map_err(|source| GpuError::Spirv { name, source })?;
+        let device = &self.device;
+        let bindings: Vec<_> = (0..desc.bindings)
+            .map(|i| {
+                vk::DescriptorSetLayoutBinding::default()
+                    .binding(i)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .descriptor_count(1)
+                    .stage_flags(vk::ShaderStageFlags::COMPUTE)
+            })
+            .collect();
+        // SAFETY (all blocks below): create-infos point at locals that outlive each call; every
+        // handle created is either returned inside the Pipeline or destroyed on the error path.
+        let set_layout = unsafe {
+            device.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
+        }
+        .ctx("vkCreateDescriptorSetLayout")?;
+        let ranges = [vk::PushConstantRange::default()
+            .stage_flags(vk::ShaderStageFlags::COMPUTE)
+            .offset(0)
+            .size(desc.push_constant_bytes)];
+        let set_layouts = [set_layout];
+        let mut layout_info = vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts);
+        if desc.push_constant_bytes > 0 {
+            layout_info = layout_info.push_constant_ranges(&ranges);
+        }
+        // SAFETY: see above.
+        let layout = match unsafe { device.create_pipeline_layout(&layout_info, None) } {
+            Ok(l) => l,
+            Err(result) => {
+                // SAFETY: see above.
+                unsafe { device.destroy_descriptor_set_layout(set_layout, None) };
+                return Err(GpuError::Vk { call: "vkCreatePipelineLayout", result });
+            }
+        };
+        // SAFETY: see above; `words` is valid SPIR-V produced by glslc.
+        let module =
+            match unsafe { device.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&words), None) } {
+                Ok(m) => m,
+                Err(result) => {
+                    // SAFETY: see above.
+                    unsafe {
+                        device.destroy_pipeline_layout(layout, None);
+                        device.destroy_descriptor_set_layout(set_layout, None);
+                    }
+                    return Err(GpuError::Vk { call: "vkCreateShaderModule", result });
+                }
+            };
+        let entries: Vec<_> = desc
+            .spec
+            .iter()
+            .enumerate()
+            .map(|(i, &(id, _))| vk::SpecializationMapEntry { constant_id: id, offset: 4 * i as u32, size: 4 })
+            .collect();
+        let data: Vec<u8> = desc.spec.iter().flat_map(|&(_, v)| v.to_le_bytes()).collect();
+        let spec = vk::SpecializationInfo::default().map_entries(&entries).data(&data);
+        let stage = vk::PipelineShaderStageCreateInfo::default()
+            .stage(vk::ShaderStageFlags::COMPUTE)
+            .module(module)
+            .name(c"main")
+            .specialization_info(&spec);
+        let info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(layout);
+        // SAFETY: see above.
+        let created = unsafe { device.create_compute_pipelines(self.pipeline_cache, &[info], None) };
+        // SAFETY: the module is no longer needed once the pipeline is created (or failed).
+        unsafe { device.destroy_shader_module(module, None) };
+        let raw = match created {
+            Ok(p) => p[0],
+            Err((_, result)) => {
+                // SAFETY: see above.
+                unsafe {
+                    device.destroy_pipeline_layout(layout, None);
+                    device.destroy_descriptor_set_layout(set_layout, None);
+                }
+                return Err(GpuError::Vk { call: "vkCreateComputePipelines", result });
+            }
+        };
+        self.set_name(raw, name);
+        self.set_name(layout, name);
+        Ok(Pipeline {
+            raw,
+            layout,
+            set_layout,
+            name,
+            bindings: desc.bindings,
+            push_constant_bytes: desc.push_constant_bytes,
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! Decode attention (`shaders/attention.comp`), first version: correct before fast.
+//!
+//! Contract (the same as `vkdecode_reference::decode_attention`): Q f32 `[B][n_queries][H][D]`;
+//! K/V caches of `dtype` in any non-overlapping strided layout; `seq_lens[b]` valid positions per
+//! sequence; query t of sequence b sits at `seq_lens[b] - n_queries + t` and attends causally;
+//! kv head = h / (H / Hkv); f32 accumulation; output f32 like Q. Fully masked rows give 0 and
+//! positions past the query are never read.
+
+use crate::gpu::{Buffer, Context, PipelineDesc, Recorder};
+use crate::shaders;
+
+use super::{
+    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, invalid,
+    words,
+};
+
+const PUSH_WORDS: usize = 10;
+/// Query tokens per sequence (speculative verification uses up to 8).
+pub const MAX_QUERIES: usize = 8;
+/// Query heads per kv head.
+pub const MAX_GQA_RATIO: usize = 32;
+
+/// Deliberately broken variants, selected by specialization constant 0; the suite must catch each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionMutant {
+    /// Attends to one position past the query (reads the next, possibly unwritten, slot).
+    CausalOffByOne = 1,
+    /// Maps query head h to kv head h % Hkv instead of h / ratio.
+    GqaModulo = 2,
+    /// Exponentiates raw scores without subtracting the running max.
+    NoMaxSubtract = 3,
+    /// Rounds the output accumulators to f16 after every tile.
+    F16Accumulate = 4,
+    /// Decodes V elements as the wrong type (f16 as bf16, bf16 as f16, f32 cut to 16 bits).
+    VMisread = 5,
+}
+
+impl AttentionMutant {
+    pub const ALL: [AttentionMutant; 5] = [
+        AttentionMutant::CausalOffByOne,
+        AttentionMutant::GqaModulo,
+        AttentionMutant::NoMaxSubtract,
+        AttentionMutant::F16Accumulate,
+        AttentionMutant::VMisread,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionMutant::CausalOffByOne => "causal_off_by_one",
+            AttentionMutant::GqaModulo => "gqa_modulo",
+            AttentionMutant::NoMaxSubtract => "no_max_subtract",
+            AttentionMutant::F16Accumulate => "f16_accumulate",
+            AttentionMutant::VMisread => "v_misread",
+        }
+    }
+}
+
+/// Shape and options of one decode-attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub n_seqs: usize,
+    pub n_queries: usize,
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: Dtype,
+    pub layout: CacheLayout,
+    pub scale: f32,
+}
+
+/// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape.
+pub struct AttentionBuffers<'a> {
+    pub q: &'a Buffer,
+    pub seq_lens: &'a Buffer,
+    pub k_cache: &'a Buffer,
+    pub v_cache: &'a Buffer,
+    pub out: &'a Buffer,
+}
+
+impl AttentionParams {
+    /// Number of f32 values in Q (and in the output).
+    pub fn q_elements(&self) -> usize {
+        self.n_seqs * self.n_queries * self.n_q_heads * self.head_dim
+    }
+
+    /// Checks the shape against the kernel's contract and the device.
+    pub fn validate(&self, ctx: &Context) -> Result<(), ParamError> {
+        let device = ctx.info();
+        let [max_x, max_y, max_z] = device.max_workgroup_count.map(|m| m as usize);
+        if self.n_seqs == 0 || self.n_seqs > max_z {
+            return Err(invalid("n_seqs", format!("{} is not in 1..={max_z}", self.n_seqs)));
+        }
+        if self.n_queries == 0 || self.n_queries > MAX_QUERIES.min(max_y) {
+            return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
+        }
+        if self.n_kv_heads == 0 {
+            return Err(invalid("n_kv_heads", "must be at least 1"));
+        }
+        if self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 || self.n_q_heads > max_x {
+            return Err(invalid(
+                "n_q_heads",
+                format!("{} must be a positive multiple of n_kv_heads ({})", self.n_q_heads, self.n_kv_heads),
+            ));
+        }
+        let ratio = self.n_q_heads / self.n_kv_heads;
+        if ratio > MAX_GQA_RATIO {
+            return Err(invalid("n_q_heads", format!("GQA ratio {ratio} exceeds {MAX_GQA_RATIO}")));
+        }
+        check_head_dim(self.head_dim)?;
+        check_dtype(self.dtype, device)?;
+        check_layout(&self.layout, self.n_seqs, self.n_kv_heads, self.head_dim, self.dtype, device)?;
+        if !self.scale.is_finite() {
+            return Err(invalid("scale", format!("{} is not finite", self.scale)));
+        }
+        let q = self.q_elements();
+        if q > u32::MAX as usize || (q * 4) as u64 > device.max_storage_buffer_range {
+            return Err(invalid("n_seqs", format!("Q of {q} elements exceeds the device's buffer range")));
+        }
+        Ok(())
+    }
+
+    /// Checks sequence lengths (host copy of the `seq_lens` buffer) against the capacity.
+    pub fn validate_seq_lens(&self, seq_lens: &[u32]) -> Result<(), ParamError> {
+        if seq_lens.len() != self.n_seqs {
+            return Err(invalid("seq_lens", format!("{} entries for {} sequences", seq_lens.len(), self.n_seqs)));
+        }
+        if let Some((b, &len)) = seq_lens.iter().enumerate().find(|&(_, &l)| l as usize > self.layout.capacity) {
+            return Err(invalid(
+                "seq_lens",
+                format!("sequence {b}: length {len} exceeds capacity {}", self.layout.capacity),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Records one decode-attention call. The shader clamps lengths to the capacity regardless.
+pub fn record<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    params: &AttentionParams,
+    bufs: AttentionBuffers<'a>,
+    mutant: Option<AttentionMutant>,
+) -> Result<(), KernelError> {
+    params.validate(ctx)?;
+    let q_bytes = (params.q_elements() * 4) as u64;
+    let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
+    check_buffer("q", bufs.q.size(), q_bytes)?;
+    check_buffer("out", bufs.out.size(), q_bytes)?;
+    check_buffer("seq_lens", bufs.seq_lens.size(), 4 * params.n_seqs as u64)?;
+    check_buffer("k_cache", bufs.k_cache.size(), cache_bytes)?;
+    check_buffer("v_cache", bufs.v_cache.size(), cache_bytes)?;
+
+    let shader = match params.dtype {
+        Dtype::F32 => &shaders::ATTENTION_F32,
+        Dtype::F16 => &shaders::ATTENTION_F16,
+        Dtype::Bf16 => &shaders::ATTENTION_BF16,
+    };
+    let spec = [(0, mutant.map_or(0, |m| m as u32))];
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader, bindings: 5, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+    let l = &params.layout;
+    let push = words(&[
+        params.n_queries as u32,
+        params.n_q_heads as u32,
+        params.n_kv_heads as u32,
+        params.head_dim as u32,
+        l.stride_seq as u32,
+        l.stride_head as u32,
+        l.stride_pos as u32,
+        l.capacity as u32,
+        params.scale.to_bits(),
+        params.n_seqs as u32,
+    ]);
+    let buffers = [bufs.q, bufs.seq_lens, bufs.k_cache, bufs.v_cache, bufs.out];
+    let groups = [params.n_q_heads as u32, params.n_queries as u32, params.n_seqs as u32];
+    rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention")?;
+    Ok(())
+}
