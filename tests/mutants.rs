@@ -82,3 +82,8 @@ fn append_slot_off_by_one_is_caught() {
 fn append_truncation_is_caught() {
     assert_caught(Mutant::Append(AppendMutant::Truncate));
 }
+
+#[test]
+fn attention_split_merge_without_rescale_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::MergeNoRescale));
+}

@@ -279,6 +279,7 @@ impl AttentionCase {
             dtype: self.dtype,
             layout,
             scale,
+            split_chunk: None,
         })
     }
 }

@@ -87,6 +87,10 @@ pub fn run_case(ctx: &Arc<Context>, case: &Case, mutant: Option<Mutant>) -> Resu
     Ok(outcome)
 }
 
+fn poison_bytes(bytes: u64) -> Vec<u8> {
+    OUTPUT_POISON.to_le_bytes().into_iter().cycle().take(bytes as usize).collect()
+}
+
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -111,8 +115,19 @@ pub fn run_attention(
     let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, Location::Upload)?;
     let poison = u32_bytes(&vec![OUTPUT_POISON; p.q_elements()]);
     let out = Buffer::with_bytes(ctx, "attention.out", &poison, Location::Readback)?;
+    // Poisoned too: a merge that reads a partial the split pass did not write must show.
+    let partial_o = Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
+    let partial_ml = Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
     let mut rec = Recorder::new(ctx)?;
-    let bufs = AttentionBuffers { q: &q, seq_lens: &lens, k_cache: &k, v_cache: &v, out: &out };
+    let bufs = AttentionBuffers {
+        q: &q,
+        seq_lens: &lens,
+        k_cache: &k,
+        v_cache: &v,
+        out: &out,
+        partial_o: &partial_o,
+        partial_ml: &partial_ml,
+    };
     attention::record(&mut rec, ctx, &p, bufs, mutant)?;
     rec.submit()?;
     let gpu: Vec<f32> =

@@ -1,4 +1,6 @@
-//! Decode attention (`shaders/attention.comp`), first version: correct before fast.
+//! Decode attention, first version (correct before fast): split-K in two passes.
+//! `shaders/attention_split.comp` computes per-chunk partials (O, m, l) with an online softmax;
+//! `shaders/attention_merge.comp` merges them by log-sum-exp (skipped with one chunk).
 //!
 //! Contract (the same as `vkdecode_reference::decode_attention`): Q f32 `[B][n_queries][H][D]`;
 //! K/V caches of `dtype` in any non-overlapping strided layout; `seq_lens[b]` valid positions per
@@ -14,7 +16,12 @@ use super::{
     words,
 };
 
-const PUSH_WORDS: usize = 10;
+const PUSH_WORDS: usize = 12;
+const MERGE_PUSH_WORDS: usize = 3;
+/// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
+pub const CHUNK_TILE: usize = 64;
+/// Largest automatic chunk.
+pub const MAX_AUTO_CHUNK: usize = 1024;
 /// Query tokens per sequence (speculative verification uses up to 8).
 pub const MAX_QUERIES: usize = 8;
 /// Query heads per kv head.
@@ -34,15 +41,18 @@ pub enum AttentionMutant {
     F16Accumulate = 4,
     /// Decodes V elements as the wrong type (f16 as bf16, bf16 as f16, f32 cut to 16 bits).
     VMisread = 5,
+    /// Merges split-K chunks without rescaling each by exp(m_c − M).
+    MergeNoRescale = 6,
 }
 
 impl AttentionMutant {
-    pub const ALL: [AttentionMutant; 5] = [
+    pub const ALL: [AttentionMutant; 6] = [
         AttentionMutant::CausalOffByOne,
         AttentionMutant::GqaModulo,
         AttentionMutant::NoMaxSubtract,
         AttentionMutant::F16Accumulate,
         AttentionMutant::VMisread,
+        AttentionMutant::MergeNoRescale,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +61,7 @@ impl AttentionMutant {
             AttentionMutant::NoMaxSubtract => "no_max_subtract",
             AttentionMutant::F16Accumulate => "f16_accumulate",
             AttentionMutant::VMisread => "v_misread",
+            AttentionMutant::MergeNoRescale => "merge_no_rescale",
         }
     }
 }
@@ -66,15 +77,21 @@ pub struct AttentionParams {
     pub dtype: Dtype,
     pub layout: CacheLayout,
     pub scale: f32,
+    /// Positions per split-K chunk (a multiple of 64); `None` picks one from the capacity.
+    pub split_chunk: Option<usize>,
 }
 
-/// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape.
+/// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
+/// buffers hold the split-K intermediates (sizes from [`AttentionParams::partial_o_bytes`] and
+/// [`AttentionParams::partial_ml_bytes`]; unused, but bound, with one chunk).
 pub struct AttentionBuffers<'a> {
     pub q: &'a Buffer,
     pub seq_lens: &'a Buffer,
     pub k_cache: &'a Buffer,
     pub v_cache: &'a Buffer,
     pub out: &'a Buffer,
+    pub partial_o: &'a Buffer,
+    pub partial_ml: &'a Buffer,
 }
 
 impl AttentionParams {
@@ -83,20 +100,48 @@ impl AttentionParams {
         self.n_seqs * self.n_queries * self.n_q_heads * self.head_dim
     }
 
+    /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
+    /// about four chunks per sequence (so merges run even on short caches) of at most
+    /// [`MAX_AUTO_CHUNK`] positions.
+    pub fn split(&self) -> (usize, usize) {
+        let capacity = self.layout.capacity.max(1);
+        let chunk = self
+            .split_chunk
+            .unwrap_or_else(|| capacity.div_ceil(4).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK));
+        (chunk, capacity.div_ceil(chunk))
+    }
+
+    /// Bytes of the partial-output buffer: `[rows][chunks][head_dim]` f32.
+    pub fn partial_o_bytes(&self) -> u64 {
+        let (_, chunks) = self.split();
+        (self.q_elements() * chunks * 4) as u64
+    }
+
+    /// Bytes of the partial (m, l) buffer: `[rows][chunks]` pairs of f32.
+    pub fn partial_ml_bytes(&self) -> u64 {
+        let (_, chunks) = self.split();
+        (self.n_seqs * self.n_queries * self.n_q_heads * chunks * 8) as u64
+    }
+
     /// Checks the shape against the kernel's contract and the device.
     pub fn validate(&self, ctx: &Context) -> Result<(), ParamError> {
         let device = ctx.info();
         let [max_x, max_y, max_z] = device.max_workgroup_count.map(|m| m as usize);
-        if self.n_seqs == 0 || self.n_seqs > max_z {
-            return Err(invalid("n_seqs", format!("{} is not in 1..={max_z}", self.n_seqs)));
+        if self.n_seqs == 0 || self.n_seqs * self.n_queries > max_z {
+            return Err(invalid("n_seqs", format!("{} sequences × {} queries exceed {max_z}", self.n_seqs, self.n_queries)));
         }
-        if self.n_queries == 0 || self.n_queries > MAX_QUERIES.min(max_y) {
+        if self.n_queries == 0 || self.n_queries > MAX_QUERIES {
             return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
+        }
+        if let Some(chunk) = self.split_chunk
+            && (chunk == 0 || chunk % CHUNK_TILE != 0)
+        {
+            return Err(invalid("split_chunk", format!("{chunk} is not a positive multiple of {CHUNK_TILE}")));
         }
         if self.n_kv_heads == 0 {
             return Err(invalid("n_kv_heads", "must be at least 1"));
         }
-        if self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 || self.n_q_heads > max_x {
+        if self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 || self.n_q_heads > max_y {
             return Err(invalid(
                 "n_q_heads",
                 format!("{} must be a positive multiple of n_kv_heads ({})", self.n_q_heads, self.n_kv_heads),
@@ -116,6 +161,13 @@ impl AttentionParams {
         if q > u32::MAX as usize || (q * 4) as u64 > device.max_storage_buffer_range {
             return Err(invalid("n_seqs", format!("Q of {q} elements exceeds the device's buffer range")));
         }
+        let (_, chunks) = self.split();
+        if chunks > max_x {
+            return Err(invalid("split_chunk", format!("{chunks} chunks exceed the device's {max_x} workgroups")));
+        }
+        if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range {
+            return Err(invalid("split_chunk", "the split-K partials exceed the device's buffer range; use larger chunks"));
+        }
         Ok(())
     }
 
@@ -134,7 +186,8 @@ impl AttentionParams {
     }
 }
 
-/// Records one decode-attention call. The shader clamps lengths to the capacity regardless.
+/// Records one decode-attention call: the split pass, then (with several chunks) a barrier and
+/// the merge. The shaders clamp lengths to the capacity regardless of `seq_lens`.
 pub fn record<'a>(
     rec: &mut Recorder<'a>,
     ctx: &Context,
@@ -145,20 +198,25 @@ pub fn record<'a>(
     params.validate(ctx)?;
     let q_bytes = (params.q_elements() * 4) as u64;
     let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
+    let (chunk, n_chunks) = params.split();
     check_buffer("q", bufs.q.size(), q_bytes)?;
     check_buffer("out", bufs.out.size(), q_bytes)?;
     check_buffer("seq_lens", bufs.seq_lens.size(), 4 * params.n_seqs as u64)?;
     check_buffer("k_cache", bufs.k_cache.size(), cache_bytes)?;
     check_buffer("v_cache", bufs.v_cache.size(), cache_bytes)?;
+    if n_chunks > 1 {
+        check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes())?;
+        check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes())?;
+    }
 
     let shader = match params.dtype {
-        Dtype::F32 => &shaders::ATTENTION_F32,
-        Dtype::F16 => &shaders::ATTENTION_F16,
-        Dtype::Bf16 => &shaders::ATTENTION_BF16,
+        Dtype::F32 => &shaders::ATTENTION_SPLIT_F32,
+        Dtype::F16 => &shaders::ATTENTION_SPLIT_F16,
+        Dtype::Bf16 => &shaders::ATTENTION_SPLIT_BF16,
     };
-    let spec = [(0, mutant.map_or(0, |m| m as u32))];
-    let pipeline =
-        ctx.pipeline(&PipelineDesc { shader, bindings: 5, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+    let mutant_id = mutant.map_or(0, |m| m as u32);
+    let spec = [(0, mutant_id)];
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 7, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -171,9 +229,28 @@ pub fn record<'a>(
         l.capacity as u32,
         params.scale.to_bits(),
         params.n_seqs as u32,
+        chunk as u32,
+        n_chunks as u32,
     ]);
-    let buffers = [bufs.q, bufs.seq_lens, bufs.k_cache, bufs.v_cache, bufs.out];
-    let groups = [params.n_q_heads as u32, params.n_queries as u32, params.n_seqs as u32];
-    rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention")?;
+    let buffers = [bufs.q, bufs.seq_lens, bufs.k_cache, bufs.v_cache, bufs.out, bufs.partial_o, bufs.partial_ml];
+    let groups = [n_chunks as u32, params.n_q_heads as u32, (params.n_seqs * params.n_queries) as u32];
+    rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
+    if n_chunks == 1 {
+        return Ok(());
+    }
+
+    rec.barrier();
+    let spec = [(0, mutant_id)];
+    let merge = ctx.pipeline(&PipelineDesc {
+        shader: &shaders::ATTENTION_MERGE,
+        bindings: 3,
+        push_constant_bytes: 4 * MERGE_PUSH_WORDS as u32,
+        spec: &spec,
+    })?;
+    let rows = (params.n_seqs * params.n_queries * params.n_q_heads) as u32;
+    let max_x = ctx.info().max_workgroup_count[0];
+    let (gx, gy) = if rows <= max_x { (rows, 1) } else { (max_x, rows.div_ceil(max_x)) };
+    let push = words(&[rows, params.head_dim as u32, n_chunks as u32]);
+    rec.dispatch(&merge, &[bufs.partial_o, bufs.partial_ml, bufs.out], &push, [gx, gy, 1], "decode_attention.merge")?;
     Ok(())
 }

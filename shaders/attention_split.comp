@@ -2,18 +2,22 @@
 #extension GL_EXT_shader_16bit_storage : require
 // variants: f32 f16 bf16
 //
-// Decode attention, first version (correct before fast): one workgroup per (query head, query
-// token, sequence). It walks the visible positions 0..=p in tiles of WG with an online softmax
-// (running max m with a finite floor, running sum l, f32 accumulators rescaled per tile), so any
-// cache length works in one pass. Positions past p are never read, so garbage there cannot leak,
-// and a row with no visible position (p < 0) writes 0. Bindings and push constants mirror
-// src/kernels/attention.rs.
+// Decode attention, pass 1 of 2 (split-K): one workgroup per (chunk, query head, query token ×
+// sequence). Each walks the visible positions of its chunk in tiles of WG with an online softmax
+// (running max m with a finite floor, running sum l, f32 accumulators rescaled per tile) and
+// writes the partial (O, m, l); attention_merge.comp combines the chunks by log-sum-exp. With a
+// single chunk it writes the normalised output directly and the merge is skipped.
+// Positions past the query are never read, so garbage there cannot leak; a chunk with no visible
+// position writes (0, NEG_FLOOR, 0), and a row with none at all ends as 0.
+// Bounding each workgroup's loop by the chunk also keeps every loop short: lavapipe's shader
+// compiler silently stops loops after 65535 iterations (seen as dropped positions past ~28K).
+// Bindings and push constants mirror src/kernels/attention.rs.
 
 #include "kv_types.glsl"
 
 const uint WG = 64;
 const uint MAX_D = 256;
-const uint ACC = MAX_D / WG;   // output dims per invocation
+const uint ACC = MAX_D / WG;     // output dims per invocation
 const float NEG_FLOOR = -3.0e38; // finite: -inf would make exp(m - m_new) NaN on the first tile
 
 layout(local_size_x = 64) in;
@@ -37,6 +41,8 @@ layout(push_constant) uniform Params {
     uint capacity;
     float scale;
     uint n_seqs;
+    uint chunk;      // positions per chunk, a multiple of WG
+    uint n_chunks;   // 1: write the output directly
 } p;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -44,6 +50,8 @@ layout(std430, binding = 1) readonly buffer SeqLens { uint seq_lens[]; };
 layout(std430, binding = 2) readonly buffer KCache { KV_T k_cache[]; };
 layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
 layout(std430, binding = 4) writeonly buffer Out { float o[]; };
+layout(std430, binding = 5) writeonly buffer PartialO { float part_o[]; };   // [row][chunk][D]
+layout(std430, binding = 6) writeonly buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
 
 shared float q_s[MAX_D];
 shared float p_s[WG];
@@ -85,9 +93,10 @@ float load_v(uint idx) {
 }
 
 void main() {
-    uint h = gl_WorkGroupID.x;
-    uint t = gl_WorkGroupID.y;
-    uint b = gl_WorkGroupID.z;
+    uint c = gl_WorkGroupID.x;
+    uint h = gl_WorkGroupID.y;
+    uint t = gl_WorkGroupID.z % p.n_queries;
+    uint b = gl_WorkGroupID.z / p.n_queries;
     uint tid = gl_LocalInvocationID.x;
     uint D = min(p.head_dim, MAX_D);
     if (b >= p.n_seqs || b >= seq_lens.length()) return;   // uniform per workgroup
@@ -98,8 +107,11 @@ void main() {
     int pos = int(len) - int(p.n_queries) + int(t);
     uint n_valid = pos < 0 ? 0u : uint(pos) + 1u;
     if (MUTANT == M_CAUSAL_OFF_BY_ONE) n_valid = min(n_valid + 1u, p.capacity);
+    uint begin = c * p.chunk;
+    uint end = min(n_valid, begin + p.chunk);
 
-    uint q_base = ((b * p.n_queries + t) * p.n_q_heads + h) * p.head_dim;
+    uint row = (b * p.n_queries + t) * p.n_q_heads + h;
+    uint q_base = row * p.head_dim;
     for (uint d = tid; d < D; d += WG) {
         uint idx = q_base + d;
         q_s[d] = idx < q.length() ? q[idx] : 0.0;
@@ -112,10 +124,10 @@ void main() {
     float acc[ACC];
     for (uint i = 0; i < ACC; ++i) acc[i] = 0.0;
 
-    for (uint base = 0; base < n_valid; base += WG) {
+    for (uint base = begin; base < end; base += WG) {
         uint j = base + tid;
         float s = NEG_FLOOR;
-        if (j < n_valid) {
+        if (j < end) {
             uint off = kv_base + j * p.stride_pos;
             float dot = 0.0;
             for (uint d = 0; d < D; ++d) dot += q_s[d] * load_k(off + d);
@@ -125,15 +137,15 @@ void main() {
         float e;
         float alpha;
         if (MUTANT == M_NO_MAX_SUBTRACT) {
-            e = j < n_valid ? exp(s) : 0.0;
+            e = j < end ? exp(s) : 0.0;
             alpha = 1.0;
         } else {
-            e = j < n_valid ? exp(s - m_new) : 0.0;
+            e = j < end ? exp(s - m_new) : 0.0;
             alpha = exp(m - m_new);
         }
         p_s[tid] = e;
         l = l * alpha + reduce_sum(e);   // the reduction's barriers also publish p_s
-        uint n_tile = min(WG, n_valid - base);
+        uint n_tile = min(WG, end - base);
         for (uint i = 0; i < ACC; ++i) {
             uint d = tid + i * WG;
             if (d < D) {
@@ -148,9 +160,19 @@ void main() {
         barrier();   // p_s is rewritten by the next tile
     }
 
+    if (p.n_chunks == 1u) {
+        for (uint i = 0; i < ACC; ++i) {
+            uint d = tid + i * WG;
+            uint idx = q_base + d;
+            if (d < D && idx < o.length()) o[idx] = l > 0.0 ? acc[i] / l : 0.0;
+        }
+        return;
+    }
+    uint part = row * p.n_chunks + c;
     for (uint i = 0; i < ACC; ++i) {
         uint d = tid + i * WG;
-        uint idx = q_base + d;
-        if (d < D && idx < o.length()) o[idx] = n_valid == 0u ? 0.0 : acc[i] / l;
+        uint idx = part * p.head_dim + d;
+        if (d < D && idx < part_o.length()) part_o[idx] = acc[i];
     }
+    if (tid == 0u && part < part_ml.length()) part_ml[part] = vec2(m, l);
 }
