@@ -19,19 +19,11 @@ pub enum CorpusError {
     )]
     Missing(PathBuf),
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: malformed case: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: invalid case: {source}")]
-    Invalid {
-        path: PathBuf,
-        #[source]
-        source: ParamError,
-    },
+    Invalid { path: PathBuf, source: ParamError },
     #[error("{path}: field `kernel` is `{kernel}`, but the file lies under `{dir}/`")]
     WrongDirectory { path: PathBuf, kernel: &'static str, dir: String },
     #[error("{path}: already exists; corpus files are never overwritten")]
@@ -50,14 +42,39 @@ pub struct CorpusEntry {
 /// Reads and checks one case file (structure and every parameter that needs no device).
 pub fn load_case(path: &Path) -> Result<Case, CorpusError> {
     let text = std::fs::read_to_string(path).map_err(|source| CorpusError::Io { path: path.to_path_buf(), source })?;
-    let case: Case = serde_json::from_str(&text)
-        .map_err(|e| CorpusError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let case = parse_case(&text).map_err(|message| CorpusError::Parse { path: path.to_path_buf(), message })?;
     let checked = match &case {
         Case::Attention(c) => c.params().map(|_| ()),
         Case::KvAppend(c) => c.params().map(|_| ()),
     };
     checked.map_err(|source| CorpusError::Invalid { path: path.to_path_buf(), source })?;
     Ok(case)
+}
+
+/// Parses a case, with errors that name the field (`data.seed: invalid type ...`) and, for
+/// syntax errors, the line and column. `Case` is an internally tagged enum, and serde loses the
+/// field path inside those, so the tag is read first and the body parsed as its own struct.
+pub fn parse_case(text: &str) -> Result<Case, String> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let Some(object) = value.as_object_mut() else {
+        return Err("a case is a JSON object".into());
+    };
+    let kernel = match object.remove("kernel") {
+        Some(serde_json::Value::String(k)) => k,
+        Some(other) => return Err(format!("field `kernel`: expected \"attention\" or \"kv_append\", found {other}")),
+        None => return Err("missing field `kernel` (\"attention\" or \"kv_append\")".into()),
+    };
+    fn body<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." { e.inner().to_string() } else { format!("field `{path}`: {}", e.inner()) }
+        })
+    }
+    match kernel.as_str() {
+        "attention" => body(value).map(Case::Attention),
+        "kv_append" => body(value).map(Case::KvAppend),
+        other => Err(format!("field `kernel`: unknown kernel `{other}`, expected \"attention\" or \"kv_append\"")),
+    }
 }
 
 /// Every case under `dir`, sorted by name. Files are `dir/<kernel>/*.json`.

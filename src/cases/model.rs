@@ -240,7 +240,7 @@ impl AttentionCase {
         if self.n_queries == 0 || self.n_queries > MAX_QUERIES {
             return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
         }
-        if self.n_kv_heads == 0 || self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || self.n_q_heads == 0 || !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
             return Err(invalid(
                 "n_q_heads",
                 format!("{} must be a positive multiple of n_kv_heads ({})", self.n_q_heads, self.n_kv_heads),

@@ -126,8 +126,9 @@ impl Context {
     pub fn new(options: &ContextOptions) -> Result<Context> {
         let entry = load_entry()?;
         let (instance, debug_instance, validation_log) = create_instance(&entry, options.validation)?;
-        // From here on, failures must destroy the instance.
-        match Self::with_instance(entry, instance.clone(), debug_instance, validation_log, options) {
+        // From here on, failures must destroy the instance, and the entry (which keeps the
+        // loader library loaded) must outlive that: the clone shares the library.
+        match Self::with_instance(entry.clone(), instance.clone(), debug_instance, validation_log, options) {
             Ok(ctx) => Ok(ctx),
             Err((e, debug)) => {
                 if let Some((debug_instance, messenger)) = debug {

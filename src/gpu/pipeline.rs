@@ -90,8 +90,9 @@ impl Context {
                     .stage_flags(vk::ShaderStageFlags::COMPUTE)
             })
             .collect();
-        // SAFETY (all blocks below): create-infos point at locals that outlive each call; every
-        // handle created is either returned inside the Pipeline or destroyed on the error path.
+        // In every unsafe block below, create-infos point at locals that outlive the call and
+        // every handle created is either returned inside the Pipeline or destroyed on failure.
+        // SAFETY: see above.
         let set_layout = unsafe {
             device.create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
         }

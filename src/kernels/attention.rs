@@ -134,14 +134,14 @@ impl AttentionParams {
             return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
         }
         if let Some(chunk) = self.split_chunk
-            && (chunk == 0 || chunk % CHUNK_TILE != 0)
+            && (chunk == 0 || !chunk.is_multiple_of(CHUNK_TILE))
         {
             return Err(invalid("split_chunk", format!("{chunk} is not a positive multiple of {CHUNK_TILE}")));
         }
         if self.n_kv_heads == 0 {
             return Err(invalid("n_kv_heads", "must be at least 1"));
         }
-        if self.n_q_heads == 0 || self.n_q_heads % self.n_kv_heads != 0 || self.n_q_heads > max_y {
+        if self.n_q_heads == 0 || !self.n_q_heads.is_multiple_of(self.n_kv_heads) || self.n_q_heads > max_y {
             return Err(invalid(
                 "n_q_heads",
                 format!("{} must be a positive multiple of n_kv_heads ({})", self.n_q_heads, self.n_kv_heads),

@@ -39,7 +39,7 @@ pub(crate) fn invalid(name: &'static str, problem: impl Into<String>) -> ParamEr
 pub const MAX_HEAD_DIM: usize = 256;
 
 pub(crate) fn check_head_dim(head_dim: usize) -> Result<(), ParamError> {
-    if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
         return Err(invalid("head_dim", format!("{head_dim} is not a multiple of 8 in 8..={MAX_HEAD_DIM}")));
     }
     Ok(())
