@@ -5,9 +5,11 @@
 pub mod corpus;
 pub mod data;
 pub mod grid;
+pub mod npy;
 pub mod model;
 pub mod rng;
 pub mod run;
+pub mod strategy;
 pub mod tolerance;
 
 pub use model::{AppendCase, AttentionCase, Case, Expect, LayoutKind, Poison};
