@@ -5,8 +5,8 @@
 pub mod corpus;
 pub mod data;
 pub mod grid;
-pub mod npy;
 pub mod model;
+pub mod npy;
 pub mod rng;
 pub mod run;
 pub mod strategy;

@@ -106,6 +106,20 @@ pub fn run_attention(
     mutant: Option<attention::AttentionMutant>,
 ) -> Result<(Outcome, AttentionRun), RunError> {
     let inputs = attention_inputs(case)?;
+    let gpu = run_attention_inputs(ctx, &inputs, mutant)?;
+    let reference = attention_reference(&inputs);
+    let outcome = check_attention(&inputs, &gpu, &reference);
+    Ok((outcome, AttentionRun { inputs, gpu, reference }))
+}
+
+/// Runs materialized attention inputs on the device (for inputs no case describes, such as the
+/// derived problems of metamorphic properties) and returns the output, flattened like Q. Output
+/// and split-K partials are poisoned first, so anything left unwritten shows.
+pub fn run_attention_inputs(
+    ctx: &Arc<Context>,
+    inputs: &AttentionInputs,
+    mutant: Option<attention::AttentionMutant>,
+) -> Result<Vec<f32>, RunError> {
     let p = inputs.params;
     p.validate(ctx)?;
     p.validate_seq_lens(&inputs.seq_lens)?;
@@ -113,11 +127,11 @@ pub fn run_attention(
     let lens = Buffer::with_bytes(ctx, "attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?;
     let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, Location::Upload)?;
     let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, Location::Upload)?;
-    let poison = u32_bytes(&vec![OUTPUT_POISON; p.q_elements()]);
-    let out = Buffer::with_bytes(ctx, "attention.out", &poison, Location::Readback)?;
-    // Poisoned too: a merge that reads a partial the split pass did not write must show.
-    let partial_o = Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
-    let partial_ml = Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
+    let out = Buffer::with_bytes(ctx, "attention.out", &poison_bytes(4 * p.q_elements() as u64), Location::Readback)?;
+    let partial_o =
+        Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
+    let partial_ml =
+        Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
     let mut rec = Recorder::new(ctx)?;
     let bufs = AttentionBuffers {
         q: &q,
@@ -130,11 +144,7 @@ pub fn run_attention(
     };
     attention::record(&mut rec, ctx, &p, bufs, mutant)?;
     rec.submit()?;
-    let gpu: Vec<f32> =
-        out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
-    let reference = attention_reference(&inputs);
-    let outcome = check_attention(&inputs, &gpu, &reference);
-    Ok((outcome, AttentionRun { inputs, gpu, reference }))
+    Ok(out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect())
 }
 
 /// The reference output for materialized inputs, flattened like Q.

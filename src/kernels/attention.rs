@@ -105,9 +105,8 @@ impl AttentionParams {
     /// [`MAX_AUTO_CHUNK`] positions.
     pub fn split(&self) -> (usize, usize) {
         let capacity = self.layout.capacity.max(1);
-        let chunk = self
-            .split_chunk
-            .unwrap_or_else(|| capacity.div_ceil(4).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK));
+        let chunk =
+            self.split_chunk.unwrap_or_else(|| capacity.div_ceil(4).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK));
         (chunk, capacity.div_ceil(chunk))
     }
 
@@ -128,7 +127,10 @@ impl AttentionParams {
         let device = ctx.info();
         let [max_x, max_y, max_z] = device.max_workgroup_count.map(|m| m as usize);
         if self.n_seqs == 0 || self.n_seqs * self.n_queries > max_z {
-            return Err(invalid("n_seqs", format!("{} sequences × {} queries exceed {max_z}", self.n_seqs, self.n_queries)));
+            return Err(invalid(
+                "n_seqs",
+                format!("{} sequences × {} queries exceed {max_z}", self.n_seqs, self.n_queries),
+            ));
         }
         if self.n_queries == 0 || self.n_queries > MAX_QUERIES {
             return Err(invalid("n_queries", format!("{} is not in 1..={MAX_QUERIES}", self.n_queries)));
@@ -165,8 +167,12 @@ impl AttentionParams {
         if chunks > max_x {
             return Err(invalid("split_chunk", format!("{chunks} chunks exceed the device's {max_x} workgroups")));
         }
-        if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range {
-            return Err(invalid("split_chunk", "the split-K partials exceed the device's buffer range; use larger chunks"));
+        if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range
+        {
+            return Err(invalid(
+                "split_chunk",
+                "the split-K partials exceed the device's buffer range; use larger chunks",
+            ));
         }
         Ok(())
     }
@@ -216,7 +222,8 @@ pub fn record<'a>(
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let spec = [(0, mutant_id)];
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 7, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader, bindings: 7, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
