@@ -2,7 +2,8 @@
 //
 // Decode attention, pass 2 of 2: merges the per-chunk partials (O_c, m_c, l_c) of one output row
 // by log-sum-exp: M = max m_c, O = Σ O_c·exp(m_c − M) / Σ l_c·exp(m_c − M). Chunks with l_c = 0
-// (no visible position) carry no weight; a row with no visible position at all gives 0.
+// (no visible position) carry no weight; a row with no visible position at all gives 0. An
+// attention sink (one logit per query head) joins the denominator as a chunk with l = 1, O = 0.
 // One workgroup per row; bindings and push constants mirror src/kernels/attention.rs.
 
 const uint WG = 64;
@@ -18,11 +19,14 @@ layout(push_constant) uniform Params {
     uint n_rows;
     uint head_dim;
     uint n_chunks;
+    uint n_q_heads;
+    uint has_sinks;
 } p;
 
 layout(std430, binding = 0) readonly buffer PartialO { float part_o[]; };
 layout(std430, binding = 1) readonly buffer PartialML { vec2 part_ml[]; };
 layout(std430, binding = 2) writeonly buffer Out { float o[]; };
+layout(std430, binding = 3) readonly buffer Sinks { float sinks[]; };
 
 void main() {
     uint row = gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x;
@@ -30,11 +34,18 @@ void main() {
     uint first = row * p.n_chunks;
     if (first + p.n_chunks > part_ml.length()) return;
     float M = NEG_FLOOR;
+    bool any = false;
     for (uint c = 0; c < p.n_chunks; ++c) {
         vec2 ml = part_ml[first + c];
-        if (ml.y > 0.0) M = max(M, ml.x);
+        if (ml.y > 0.0) {
+            M = max(M, ml.x);
+            any = true;
+        }
     }
-    float L = 0.0;
+    uint h = row % p.n_q_heads;
+    bool sink = any && p.has_sinks != 0u && h < sinks.length();
+    if (sink) M = max(M, sinks[h]);
+    float L = sink ? exp(sinks[h] - M) : 0.0;
     for (uint c = 0; c < p.n_chunks; ++c) {
         vec2 ml = part_ml[first + c];
         float w = MUTANT == M_MERGE_NO_RESCALE ? 1.0 : exp(ml.x - M);

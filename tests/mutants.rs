@@ -87,3 +87,13 @@ fn append_truncation_is_caught() {
 fn attention_split_merge_without_rescale_is_caught() {
     assert_caught(Mutant::Attention(AttentionMutant::MergeNoRescale));
 }
+
+#[test]
+fn attention_fused_read_of_the_slot_being_written_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::FusedReadsCache));
+}
+
+#[test]
+fn attention_split_chunk_boundary_off_by_one_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::ChunkOverlap));
+}

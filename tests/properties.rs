@@ -26,7 +26,8 @@ use proptest::test_runner::{TestCaseError, TestRunner};
 use vkdecode::cases::data::{AttentionInputs, attention_inputs};
 use vkdecode::cases::model::{AppendValues, Dist};
 use vkdecode::cases::run::{
-    AttentionRun, attention_reference, check_attention, run_append, run_attention, run_attention_inputs,
+    AttentionRun, attention_reference, check_attention, run_append, run_append_then_attend, run_attention,
+    run_attention_inputs,
 };
 use vkdecode::cases::strategy::{AttentionLimits, any_case, append_case, attention_case, attention_work};
 use vkdecode::cases::{AttentionCase, Case, LayoutKind, Outcome, Poison, run_case};
@@ -176,7 +177,7 @@ fn repeat_kv_heads(gqa: &AttentionInputs, kind: LayoutKind) -> AttentionInputs {
     };
     let ((k_bytes, k), (v_bytes, v)) = (repeat(&gqa.k_bytes), repeat(&gqa.v_bytes));
     let params = attention::AttentionParams { n_kv_heads: p.n_q_heads, layout, ..p };
-    AttentionInputs { params, q: gqa.q.clone(), seq_lens: gqa.seq_lens.clone(), k_bytes, v_bytes, k, v }
+    AttentionInputs { params, k_bytes, v_bytes, k, v, ..gqa.clone() }
 }
 
 /// Query token `t` of a multi-query problem as a single-query decode: the same cache, Q rows of
@@ -291,7 +292,28 @@ proptest! {
     /// the same values has a bit-identical reference output, and the kernel matches the
     /// reference on both.
     #[test]
+    fn fused_equals_append_then_attend(case in attention_case()) {
+        // Any case made fused: the fused kernel and append → barrier → attend both match the
+        // reference, and both leave exactly the expected caches.
+        let nq = case.n_queries.min(case.capacity);
+        let seq_lens = case.seq_lens.iter().map(|&l| l.max(nq)).collect();
+        let case = AttentionCase { fused: true, n_queries: nq, seq_lens, ..case };
+        let ctx = ctx();
+        let wrapped = Case::Attention(case.clone());
+        attend(&ctx, &case)?;
+        let inputs = attention_inputs(&case).map_err(|e| fail(&wrapped, e))?;
+        let unfused = run_append_then_attend(&ctx, &inputs).map_err(|e| fail(&wrapped, format_args!("append then attend: {e}")))?;
+        no_validation_messages(&ctx, &wrapped)?;
+        let outcome = check_attention(&inputs, &unfused.out, &attention_reference(&inputs));
+        verdict(&wrapped, &outcome).map_err(|e| TestCaseError::fail(format!("append then attend: {e}")))?;
+        let expected = inputs.fused.as_ref().map(|f| (f.k_after.clone(), f.v_after.clone()));
+        prop_assert!(unfused.caches_after == expected, "append then attend left other caches\n{}", replayable(&wrapped));
+    }
+
+    #[test]
     fn gqa_equals_mha_with_repeated_kv_heads(case in attention_case()) {
+        // The relation rebuilds the cache by hand; fused inputs live outside it.
+        let case = AttentionCase { fused: false, ..case };
         let ratio = case.n_q_heads / case.n_kv_heads;
         prop_assume!(ratio > 1);
         // The MHA cache has n_q_heads heads; keep it small.
@@ -331,6 +353,8 @@ proptest! {
     /// and the kernel matches the reference on both.
     #[test]
     fn multi_query_row_equals_single_query_decode(case in attention_case(), t in any::<Index>()) {
+        // The relation cuts sequences by hand; fused inputs live outside the cache.
+        let case = AttentionCase { fused: false, ..case };
         prop_assume!(case.n_queries > 1);
         let ctx = ctx();
         let wrapped = Case::Attention(case.clone());
@@ -455,6 +479,11 @@ fn strategies_reach_the_edge_triggers() {
     for dtype in Dtype::ALL {
         need(&format!("{dtype} append"), any_append(&|c| c.dtype == dtype));
     }
+    need("a sliding window", any(&|c| c.window.is_some()));
+    need("a logit softcap", any(&|c| c.softcap.is_some()));
+    need("attention sinks", any(&|c| c.sinks.is_some()));
+    need("a fused append + attend", any(&|c| c.fused));
+    need("a forced split-K chunk", any(&|c| c.split_chunk.is_some()));
     need("append into the last slots", any_append(&|c| c.starts.iter().any(|&s| s + c.n_new == c.capacity)));
     need("append at 0 with room after", any_append(&|c| c.starts.contains(&0) && c.capacity > c.n_new));
     need("append of 8 tokens", any_append(&|c| c.n_new == 8));

@@ -18,6 +18,9 @@
 //! - `w_j = exp(s_j − max_i s_i) / Σ_i exp(s_i − max_i s_i)` over `i, j ∈ 0..=p`: two passes
 //!   (max, then exp-sum), all in f64.
 //! - `out[d] = Σ_j w_j · v[j][d]`, in f64.
+//! - Options ([`AttentionOptions`], none by default): a sliding window w limits the positions to
+//!   `max(0, p + 1 − w) ..= p`; a softcap c maps each scaled logit s to `c·tanh(s/c)`; a sink
+//!   logit per query head joins the denominator (`+ exp(sink − max)`) without a value.
 //!
 //! # Invariants
 //!
@@ -47,6 +50,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// Options of decode attention beyond the causal mask; `Default` is none of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AttentionOptions<'a> {
+    /// Sliding window: a query at position p sees positions `max(0, p + 1 − w) ..= p` only.
+    pub window: Option<usize>,
+    /// Logit softcap c > 0: each scaled logit s becomes `c · tanh(s / c)` (Gemma 2 style).
+    pub softcap: Option<f64>,
+    /// Attention sinks: one logit per query head that joins the softmax denominator but
+    /// contributes no value (gpt-oss style). A row with no visible position stays 0.
+    pub sinks: Option<&'a [f32]>,
+}
+
 /// Causal decode attention in f64; see the module documentation for the exact contract.
 ///
 /// `q` is `[B][n_queries][H][D]` contiguous; `k` and `v` are cache values indexed by
@@ -59,6 +74,21 @@ pub fn decode_attention(
     layout: &CacheLayout,
     seq_lens: &[usize],
     scale: f64,
+) -> Array4<f64> {
+    decode_attention_with(shape, q, k, v, layout, seq_lens, scale, &AttentionOptions::default())
+}
+
+/// [`decode_attention`] with options (sliding window, logit softcap, attention sinks).
+#[allow(clippy::too_many_arguments, reason = "mirrors the kernel's inputs one to one")]
+pub fn decode_attention_with(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    layout: &CacheLayout,
+    seq_lens: &[usize],
+    scale: f64,
+    options: &AttentionOptions<'_>,
 ) -> Array4<f64> {
     let &AttentionShape { n_seqs, n_queries, n_q_heads, n_kv_heads, head_dim } = shape;
     assert!(
@@ -78,6 +108,11 @@ pub fn decode_attention(
     for (b, &len) in seq_lens.iter().enumerate() {
         assert!(len <= layout.capacity, "seq_lens[{b}] = {len} exceeds the cache capacity {}", layout.capacity);
     }
+    assert!(options.window != Some(0), "a sliding window must be at least 1");
+    assert!(options.softcap.is_none_or(|c| c > 0.0), "a softcap must be positive");
+    if let Some(sinks) = options.sinks {
+        assert_eq!(sinks.len(), n_q_heads, "sinks must hold one logit per query head");
+    }
 
     let group = n_q_heads / n_kv_heads;
     let mut out = Array4::zeros((n_seqs, n_queries, n_q_heads, head_dim));
@@ -90,33 +125,36 @@ pub fn decode_attention(
             if seq_len + t < n_queries {
                 continue;
             }
-            let n_visible = seq_len + t + 1 - n_queries; // p + 1, and p < seq_len
+            let end = seq_len + t + 1 - n_queries; // p + 1, and p < seq_len
+            let first = options.window.map_or(0, |w| end.saturating_sub(w));
             for h in 0..n_q_heads {
                 let kv_head = h / group;
                 let q_row = &q[((b * n_queries + t) * n_q_heads + h) * head_dim..][..head_dim];
 
                 weights.clear();
-                weights.extend((0..n_visible).map(|j| {
+                weights.extend((first..end).map(|j| {
                     let dot: f64 = q_row
                         .iter()
                         .enumerate()
                         .map(|(d, &qd)| f64::from(qd) * f64::from(k[layout.offset(b, kv_head, j, d)]))
                         .sum();
-                    scale * dot
+                    let s = scale * dot;
+                    options.softcap.map_or(s, |c| c * (s / c).tanh())
                 }));
+                let sink = options.sinks.map(|s| f64::from(s[h]));
                 // Subtracting the max keeps every exponent <= 0, so huge logits cannot overflow
                 // and the largest term is exactly 1, so the sum cannot underflow to 0.
-                let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let max = weights.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
                 for w in &mut weights {
                     *w = (*w - max).exp();
                 }
-                let sum: f64 = weights.iter().sum();
+                let sum: f64 = weights.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
 
                 let mut out_row = out.slice_mut(s![b, t, h, ..]);
-                for (j, &w) in weights.iter().enumerate() {
+                for (i, &w) in weights.iter().enumerate() {
                     let w = w / sum;
                     for (d, o) in out_row.iter_mut().enumerate() {
-                        *o += w * f64::from(v[layout.offset(b, kv_head, j, d)]);
+                        *o += w * f64::from(v[layout.offset(b, kv_head, first + i, d)]);
                     }
                 }
             }
@@ -559,5 +597,47 @@ mod tests {
     fn panics_on_layout_shape_mismatch() {
         let layout = CacheLayout::head_major(1, 1, 2, 3, 0);
         decode_attention(&shape(1, 1, 1, 1, 2), &[0.0; 2], &[0.0; 6], &[0.0; 6], &layout, &[1], 1.0);
+    }
+
+    #[test]
+    fn sliding_window_equals_attention_over_the_last_w_positions() {
+        // One head, D = 2: with window 2 the row at p = 3 sees positions 2 and 3 only, which is
+        // plain attention over a cache holding just those two rows.
+        let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let layout = CacheLayout::head_major(1, 1, 4, 2, 0);
+        let q = [0.5f32, -1.0];
+        let k = [1.0f32, 2.0, -3.0, 0.5, 0.25, 1.0, 2.0, -1.0];
+        let v = [9.0f32, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, 4.0];
+        let options = AttentionOptions { window: Some(2), ..Default::default() };
+        let windowed = decode_attention_with(&shape, &q, &k, &v, &layout, &[4], 1.0, &options);
+        let tail = CacheLayout::head_major(1, 1, 2, 2, 0);
+        let plain = decode_attention(&shape, &q, &k[4..], &v[4..], &tail, &[2], 1.0);
+        assert!(windowed.iter().zip(plain.iter()).all(|(a, b)| abs_diff_eq!(a, b, epsilon = 1e-15)));
+    }
+
+    #[test]
+    fn softcap_bounds_the_logits() {
+        // Two positions with logits 0 and 100; softcap 1 maps them to 0 and tanh(100) ≈ 1, so
+        // the weights are 1/(1+e) and e/(1+e).
+        let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let layout = CacheLayout::head_major(1, 1, 2, 1, 0);
+        let options = AttentionOptions { softcap: Some(1.0), ..Default::default() };
+        let out = decode_attention_with(&shape, &[1.0], &[0.0, 100.0], &[0.0, 1.0], &layout, &[2], 1.0, &options);
+        let e = 100f64.tanh().exp();
+        assert!(abs_diff_eq!(out[[0, 0, 0, 0]], e / (1.0 + e), epsilon = 1e-12));
+    }
+
+    #[test]
+    fn a_sink_joins_the_denominator_only() {
+        // One position with logit 0 and V = 1, and a sink of logit ln 3: weight 1/(1+3).
+        let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let layout = CacheLayout::head_major(1, 1, 1, 1, 0);
+        let sinks = [3f32.ln()];
+        let options = AttentionOptions { sinks: Some(&sinks), ..Default::default() };
+        let out = decode_attention_with(&shape, &[0.0], &[5.0], &[1.0], &layout, &[1], 1.0, &options);
+        assert!(abs_diff_eq!(out[[0, 0, 0, 0]], 0.25, epsilon = 1e-7));
+        // A fully masked row stays 0 with a sink.
+        let masked = decode_attention_with(&shape, &[0.0], &[5.0], &[1.0], &layout, &[0], 1.0, &options);
+        assert_eq!(masked[[0, 0, 0, 0]], 0.0);
     }
 }

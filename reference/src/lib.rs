@@ -10,7 +10,7 @@ pub mod dtype;
 pub mod kv_append;
 pub mod layout;
 
-pub use attention::{AttentionShape, decode_attention};
+pub use attention::{AttentionOptions, AttentionShape, decode_attention, decode_attention_with};
 pub use dtype::Dtype;
 pub use kv_append::kv_append;
 pub use layout::CacheLayout;

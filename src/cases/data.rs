@@ -22,9 +22,24 @@ pub struct AttentionInputs {
     /// Raw cache bytes (poison included), as uploaded.
     pub k_bytes: Vec<u8>,
     pub v_bytes: Vec<u8>,
-    /// The same caches decoded to f32 (what the reference reads).
+    /// The same caches decoded to f32 (what the reference reads). In fused cases they hold the
+    /// new tokens' rounded values, which the uploaded bytes do not.
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// Sink logits `[H]`, when the case has sinks.
+    pub sinks: Option<Vec<f32>>,
+    /// Fused cases: the step's new K/V as f32 `[B][n_queries][Hkv][D]`, and the cache bytes the
+    /// kernel must leave behind (the uploaded bytes with the new slots written).
+    pub fused: Option<FusedInputs>,
+}
+
+/// The extra inputs and expectations of a fused append + attend case.
+#[derive(Clone, Debug)]
+pub struct FusedInputs {
+    pub new_k: Vec<f32>,
+    pub new_v: Vec<f32>,
+    pub k_after: Vec<u8>,
+    pub v_after: Vec<u8>,
 }
 
 /// Everything one append reads, and the cache contents before it.
@@ -82,9 +97,15 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
     }
     let (mut krng, mut vrng) = (Rng::stream(seed, "k"), Rng::stream(seed, "v"));
     let group = p.n_q_heads / p.n_kv_heads;
+    let nq = p.n_queries;
+    let mut new_k = vec![0f32; if p.fused { p.new_kv_elements() } else { 0 }];
+    let mut new_v = new_k.clone();
     for (b, &len) in case.seq_lens.iter().enumerate() {
         for h in 0..p.n_kv_heads {
             for pos in 0..len {
+                // Fused: the last n_queries positions are the step's new tokens.
+                let new_index =
+                    (p.fused && pos + nq >= len).then(|| ((b * nq + pos + nq - len) * p.n_kv_heads + h) * p.head_dim);
                 for d in 0..p.head_dim {
                     let i = layout.offset(b, h, pos, d);
                     let mut kx = draw(&mut krng, case.data.k);
@@ -95,16 +116,42 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
                         let qi = ((b * p.n_queries + p.n_queries - 1) * p.n_q_heads + h * group) * p.head_dim + d;
                         kx = peak.gain * q[qi];
                     }
+                    let vx = draw(&mut vrng, case.data.v);
                     store(dtype, &mut k_bytes, i, encode(dtype, kx));
-                    store(dtype, &mut v_bytes, i, encode(dtype, draw(&mut vrng, case.data.v)));
+                    store(dtype, &mut v_bytes, i, encode(dtype, vx));
+                    if let Some(base) = new_index {
+                        (new_k[base + d], new_v[base + d]) = (kx, vx);
+                    }
                 }
             }
         }
     }
     let k = (0..n).map(|i| decode(dtype, load(dtype, &k_bytes, i))).collect();
     let v = (0..n).map(|i| decode(dtype, load(dtype, &v_bytes, i))).collect();
+    let fused = p.fused.then(|| {
+        let (k_after, v_after) = (k_bytes.clone(), v_bytes.clone());
+        // The slots the kernel writes start as poison, so a kernel that reads them shows.
+        let mut rng = Rng::stream(seed, "fused-poison");
+        for (b, &len) in case.seq_lens.iter().enumerate() {
+            for h in 0..p.n_kv_heads {
+                for pos in len - nq..len {
+                    for d in 0..p.head_dim {
+                        let i = layout.offset(b, h, pos, d);
+                        let poison = if case.data.poison == Poison::Zero { Poison::Nan } else { case.data.poison };
+                        store(dtype, &mut k_bytes, i, poison_bits(dtype, poison, &mut rng));
+                        store(dtype, &mut v_bytes, i, poison_bits(dtype, poison, &mut rng));
+                    }
+                }
+            }
+        }
+        FusedInputs { new_k, new_v, k_after, v_after }
+    });
+    let sinks = case.sinks.map(|dist| {
+        let mut rng = Rng::stream(seed, "sinks");
+        (0..p.n_q_heads).map(|_| draw(&mut rng, dist)).collect()
+    });
     let seq_lens = case.seq_lens.iter().map(|&l| l as u32).collect();
-    Ok(AttentionInputs { params, q, seq_lens, k_bytes, v_bytes, k, v })
+    Ok(AttentionInputs { params, q, seq_lens, k_bytes, v_bytes, k, v, sinks, fused })
 }
 
 /// One hostile f32 for conversion to `dtype`.

@@ -45,6 +45,11 @@ fn base(dtype: Dtype, (h, hkv, d): (usize, usize, usize), seq_lens: Vec<usize>, 
         layout: LayoutKind::HeadMajor,
         pad: 0,
         scale: None,
+        window: None,
+        softcap: None,
+        sinks: None,
+        fused: false,
+        split_chunk: None,
         data: AttentionData {
             seed: 0,
             q: Dist::default(),
@@ -91,6 +96,26 @@ pub fn grid() -> Vec<GridCase> {
         let mut c = base(dtype, (4, 1, 64), vec![200], 200);
         c.data.peak = Some(Peak { position: 37, gain: 4.0 });
         out.push(attention(format!("grid/attention/{dtype}/dominant-position"), c));
+        // Options and the fused path, each on a multi-chunk case so the merge sees them too.
+        let mut c = base(dtype, (8, 2, 64), vec![150, 40], 160);
+        c.window = Some(50);
+        out.push(attention(format!("grid/attention/{dtype}/sliding-window-50"), c));
+        let mut c = base(dtype, (8, 2, 64), vec![150], 160);
+        c.softcap = Some(5.0);
+        c.data.q = Dist::Normal { mean: 0.0, std: 4.0 };
+        out.push(attention(format!("grid/attention/{dtype}/softcap-5"), c));
+        let mut c = base(dtype, (8, 2, 64), vec![150, 1, 0], 160);
+        c.sinks = Some(Dist::Normal { mean: 2.0, std: 4.0 });
+        out.push(attention(format!("grid/attention/{dtype}/sinks"), c));
+        for (i, chunk) in [None, Some(64)].into_iter().enumerate() {
+            let mut c = base(dtype, (8, 2, 128), vec![130, 3, 64], 140);
+            c.fused = true;
+            c.n_queries = 3;
+            c.split_chunk = chunk;
+            c.data.poison = if i == 0 { Poison::Nan } else { Poison::Garbage };
+            let split = chunk.map_or("auto".to_string(), |k| k.to_string());
+            out.push(attention(format!("grid/attention/{dtype}/fused-append-q3-split-{split}"), c));
+        }
         // Flat attention over values far from zero: the accumulator reaches ~n·1000.
         let mut c = base(dtype, (4, 2, 64), vec![300], 300);
         c.data.q = Dist::Normal { mean: 0.0, std: 0.01 };

@@ -151,6 +151,22 @@ pub struct AttentionCase {
     /// Softmax scale; default 1/sqrt(head_dim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f32>,
+    /// Sliding window in positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+    /// Logit softcap c: scaled logits s become c·tanh(s/c).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softcap: Option<f32>,
+    /// Attention sinks: one logit per query head, drawn from this distribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<Dist>,
+    /// Fused append + attend: the last `n_queries` positions of each sequence are the step's new
+    /// tokens, given as f32 inputs; their cache slots hold poison until the kernel writes them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fused: bool,
+    /// Positions per split-K chunk (a multiple of 64); default: the kernel's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_chunk: Option<usize>,
     pub data: AttentionData,
     #[serde(default)]
     pub expect: Expect,
@@ -270,6 +286,27 @@ impl AttentionCase {
         if !scale.is_finite() {
             return Err(invalid("scale", "must be finite"));
         }
+        if self.window == Some(0) {
+            return Err(invalid("window", "must be at least 1"));
+        }
+        if let Some(c) = self.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(invalid("softcap", format!("{c} is not a positive finite number")));
+        }
+        if let Some(chunk) = self.split_chunk
+            && (chunk == 0 || !chunk.is_multiple_of(crate::kernels::attention::CHUNK_TILE))
+        {
+            return Err(invalid("split_chunk", format!("{chunk} is not a positive multiple of 64")));
+        }
+        if self.fused
+            && let Some((b, &len)) = self.seq_lens.iter().enumerate().find(|&(_, &l)| l < self.n_queries)
+        {
+            return Err(invalid(
+                "seq_lens",
+                format!("sequence {b}: length {len} cannot hold the {} new tokens of a fused case", self.n_queries),
+            ));
+        }
         Ok(AttentionParams {
             n_seqs,
             n_queries: self.n_queries,
@@ -279,7 +316,11 @@ impl AttentionCase {
             dtype: self.dtype,
             layout,
             scale,
-            split_chunk: None,
+            split_chunk: self.split_chunk,
+            window: self.window,
+            softcap: self.softcap,
+            sinks: self.sinks.is_some(),
+            fused: self.fused,
         })
     }
 }

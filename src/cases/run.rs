@@ -7,14 +7,14 @@
 use std::sync::Arc;
 
 use vkdecode_reference::dtype::{decode, load};
-use vkdecode_reference::{AttentionShape, decode_attention};
+use vkdecode_reference::{AttentionOptions, AttentionShape, decode_attention_with};
 
 use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs};
 use super::model::{AppendCase, AttentionCase, Case};
 use super::tolerance::{ATTENTION_MAX_NMSE, attention_element_bound};
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
-use crate::kernels::attention::{self, AttentionBuffers};
-use crate::kernels::kv_append::{self, AppendBuffers};
+use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
+use crate::kernels::kv_append::{self, AppendBuffers, AppendParams};
 use crate::kernels::{KernelError, Mutant, ParamError};
 
 /// Bits written into every output element before a dispatch: a NaN no kernel produces.
@@ -62,6 +62,15 @@ pub struct AttentionRun {
     pub inputs: AttentionInputs,
     pub gpu: Vec<f32>,
     pub reference: Vec<f64>,
+    /// Fused cases: both caches as the kernel left them.
+    pub caches_after: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What the device produced for one attention call.
+pub struct AttentionGpu {
+    pub out: Vec<f32>,
+    /// Fused calls: the K and V caches after the kernel appended the new tokens.
+    pub caches_after: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// One append run: the inputs and both caches after the GPU and the reference appends.
@@ -106,32 +115,61 @@ pub fn run_attention(
     mutant: Option<attention::AttentionMutant>,
 ) -> Result<(Outcome, AttentionRun), RunError> {
     let inputs = attention_inputs(case)?;
-    let gpu = run_attention_inputs(ctx, &inputs, mutant)?;
+    let gpu = run_attention_gpu(ctx, &inputs, mutant)?;
     let reference = attention_reference(&inputs);
-    let outcome = check_attention(&inputs, &gpu, &reference);
-    Ok((outcome, AttentionRun { inputs, gpu, reference }))
+    let mut outcome = check_attention(&inputs, &gpu.out, &reference);
+    if let (Some(fused), Some((k_after, v_after))) = (&inputs.fused, &gpu.caches_after) {
+        check_fused_caches(
+            &mut outcome,
+            inputs.params.dtype,
+            [("K", k_after, &fused.k_after), ("V", v_after, &fused.v_after)],
+        );
+    }
+    let run = AttentionRun { inputs, gpu: gpu.out, reference, caches_after: gpu.caches_after };
+    Ok((outcome, run))
 }
 
-/// Runs materialized attention inputs on the device (for inputs no case describes, such as the
-/// derived problems of metamorphic properties) and returns the output, flattened like Q. Output
-/// and split-K partials are poisoned first, so anything left unwritten shows.
+/// Runs materialized attention inputs on the device and returns the output, flattened like Q
+/// (for inputs no case describes, such as the derived problems of metamorphic properties).
 pub fn run_attention_inputs(
     ctx: &Arc<Context>,
     inputs: &AttentionInputs,
     mutant: Option<attention::AttentionMutant>,
 ) -> Result<Vec<f32>, RunError> {
+    Ok(run_attention_gpu(ctx, inputs, mutant)?.out)
+}
+
+/// Runs materialized attention inputs on the device. Output and split-K partials are poisoned
+/// first, so anything left unwritten shows; fused calls also return both caches.
+pub fn run_attention_gpu(
+    ctx: &Arc<Context>,
+    inputs: &AttentionInputs,
+    mutant: Option<attention::AttentionMutant>,
+) -> Result<AttentionGpu, RunError> {
     let p = inputs.params;
     p.validate(ctx)?;
     p.validate_seq_lens(&inputs.seq_lens)?;
     let q = Buffer::with_bytes(ctx, "attention.q", &f32_bytes(&inputs.q), Location::Upload)?;
     let lens = Buffer::with_bytes(ctx, "attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?;
-    let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, Location::Upload)?;
-    let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, Location::Upload)?;
+    let cache_location = if p.fused { Location::Readback } else { Location::Upload };
+    let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, cache_location)?;
+    let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, cache_location)?;
     let out = Buffer::with_bytes(ctx, "attention.out", &poison_bytes(4 * p.q_elements() as u64), Location::Readback)?;
     let partial_o =
         Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
     let partial_ml =
         Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
+    let sinks = match &inputs.sinks {
+        Some(s) => Some(Buffer::with_bytes(ctx, "attention.sinks", &f32_bytes(s), Location::Upload)?),
+        None => None,
+    };
+    let new_kv = match &inputs.fused {
+        Some(f) => Some((
+            Buffer::with_bytes(ctx, "attention.new_k", &f32_bytes(&f.new_k), Location::Upload)?,
+            Buffer::with_bytes(ctx, "attention.new_v", &f32_bytes(&f.new_v), Location::Upload)?,
+        )),
+        None => None,
+    };
     let mut rec = Recorder::new(ctx)?;
     let bufs = AttentionBuffers {
         q: &q,
@@ -141,10 +179,96 @@ pub fn run_attention_inputs(
         out: &out,
         partial_o: &partial_o,
         partial_ml: &partial_ml,
+        sinks: sinks.as_ref(),
+        new_k: new_kv.as_ref().map(|(k, _)| k),
+        new_v: new_kv.as_ref().map(|(_, v)| v),
     };
     attention::record(&mut rec, ctx, &p, bufs, mutant)?;
     rec.submit()?;
-    Ok(out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect())
+    let out = out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
+    let caches_after = if p.fused { Some((k.read()?, v.read()?)) } else { None };
+    Ok(AttentionGpu { out, caches_after })
+}
+
+/// The unfused way to do a fused case's work: the append kernel writes the new tokens, a
+/// barrier, then attention reads them from the cache, all in one command buffer. The fused
+/// kernel must agree with this (both match the reference; both leave the same caches).
+pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> Result<AttentionGpu, RunError> {
+    let Some(fused) = &inputs.fused else {
+        return Err(crate::kernels::invalid("fused", "append-then-attend needs a fused case").into());
+    };
+    let p = AttentionParams { fused: false, ..inputs.params };
+    p.validate(ctx)?;
+    p.validate_seq_lens(&inputs.seq_lens)?;
+    let append = AppendParams {
+        n_seqs: p.n_seqs,
+        n_new: p.n_queries,
+        n_kv_heads: p.n_kv_heads,
+        head_dim: p.head_dim,
+        dtype: p.dtype,
+        layout: p.layout,
+    };
+    let starts: Vec<u32> = inputs.seq_lens.iter().map(|&l| l - p.n_queries as u32).collect();
+    append.validate(ctx)?;
+    append.validate_starts(&starts)?;
+    let q = Buffer::with_bytes(ctx, "attention.q", &f32_bytes(&inputs.q), Location::Upload)?;
+    let lens = Buffer::with_bytes(ctx, "attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?;
+    let start = Buffer::with_bytes(ctx, "kv_append.start", &u32_bytes(&starts), Location::Upload)?;
+    let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, Location::Readback)?;
+    let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, Location::Readback)?;
+    let new_k = Buffer::with_bytes(ctx, "attention.new_k", &f32_bytes(&fused.new_k), Location::Upload)?;
+    let new_v = Buffer::with_bytes(ctx, "attention.new_v", &f32_bytes(&fused.new_v), Location::Upload)?;
+    let out = Buffer::with_bytes(ctx, "attention.out", &poison_bytes(4 * p.q_elements() as u64), Location::Readback)?;
+    let partial_o =
+        Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
+    let partial_ml =
+        Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
+    let sinks = match &inputs.sinks {
+        Some(s) => Some(Buffer::with_bytes(ctx, "attention.sinks", &f32_bytes(s), Location::Upload)?),
+        None => None,
+    };
+    let mut rec = Recorder::new(ctx)?;
+    let bufs = AppendBuffers { new_k: &new_k, new_v: &new_v, start: &start, k_cache: &k, v_cache: &v };
+    kv_append::record(&mut rec, ctx, &append, bufs, None)?;
+    rec.barrier(); // the attention below reads what the append wrote
+    let bufs = AttentionBuffers {
+        q: &q,
+        seq_lens: &lens,
+        k_cache: &k,
+        v_cache: &v,
+        out: &out,
+        partial_o: &partial_o,
+        partial_ml: &partial_ml,
+        sinks: sinks.as_ref(),
+        new_k: None,
+        new_v: None,
+    };
+    attention::record(&mut rec, ctx, &p, bufs, None)?;
+    rec.submit()?;
+    let out = out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
+    Ok(AttentionGpu { out, caches_after: Some((k.read()?, v.read()?)) })
+}
+
+/// Fused calls: both caches must equal the expected bytes exactly (the new slots written, every
+/// other byte untouched).
+fn check_fused_caches(outcome: &mut Outcome, dtype: crate::kernels::Dtype, caches: [(&str, &Vec<u8>, &Vec<u8>); 2]) {
+    for (which, got, want) in caches {
+        outcome.checked += got.len() / dtype.size();
+        let bad: Vec<usize> =
+            (0..got.len() / dtype.size()).filter(|&i| load(dtype, got, i) != load(dtype, want, i)).collect();
+        if let Some(&i) = bad.first() {
+            outcome.passed = false;
+            outcome.mismatches += bad.len();
+            outcome.detail.get_or_insert_with(|| {
+                format!(
+                    "fused append: {} {which} cache element(s) differ; first at element {i}: bits {:#06x}, expected {:#06x}",
+                    bad.len(),
+                    load(dtype, got, i),
+                    load(dtype, want, i)
+                )
+            });
+        }
+    }
 }
 
 /// The reference output for materialized inputs, flattened like Q.
@@ -158,7 +282,10 @@ pub fn attention_reference(inputs: &AttentionInputs) -> Vec<f64> {
         head_dim: p.head_dim,
     };
     let lens: Vec<usize> = inputs.seq_lens.iter().map(|&l| l as usize).collect();
-    let out = decode_attention(&shape, &inputs.q, &inputs.k, &inputs.v, &p.layout, &lens, f64::from(p.scale));
+    let options =
+        AttentionOptions { window: p.window, softcap: p.softcap.map(f64::from), sinks: inputs.sinks.as_deref() };
+    let out =
+        decode_attention_with(&shape, &inputs.q, &inputs.k, &inputs.v, &p.layout, &lens, f64::from(p.scale), &options);
     out.iter().copied().collect()
 }
 
@@ -174,19 +301,22 @@ pub fn check_attention(inputs: &AttentionInputs, gpu: &[f32], reference: &[f64])
     for b in 0..p.n_seqs {
         let len = inputs.seq_lens[b] as i64;
         for t in 0..p.n_queries {
-            let n = (len - p.n_queries as i64 + t as i64 + 1).max(0) as usize;
+            let end = (len - p.n_queries as i64 + t as i64 + 1).max(0) as usize;
+            let first = p.window.map_or(0, |w| end.saturating_sub(w));
+            let n = end - first;
             for h in 0..p.n_q_heads {
                 let kvh = h / group;
                 let row = ((b * p.n_queries + t) * p.n_q_heads + h) * d;
                 let q = &inputs.q[row..row + d];
                 let (mut max_qk, mut max_v) = (0f64, 0f64);
-                for j in 0..n {
+                for j in first..end {
                     let base = p.layout.offset(b, kvh, j, 0);
                     let qk: f64 = (0..d).map(|i| (f64::from(q[i]) * f64::from(inputs.k[base + i])).abs()).sum();
                     max_qk = max_qk.max(scale * qk);
                     max_v = (0..d).map(|i| f64::from(inputs.v[base + i]).abs()).fold(max_v, f64::max);
                 }
-                let bound = attention_element_bound(n, d, max_qk, max_v);
+                let terms = if n > 0 && inputs.sinks.is_some() { n + 1 } else { n };
+                let bound = attention_element_bound(terms, d, max_qk, max_v, p.softcap.map(f64::from));
                 for i in 0..d {
                     let (got, want) = (f64::from(gpu[row + i]), reference[row + i]);
                     let err = (got - want).abs();

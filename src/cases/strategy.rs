@@ -183,6 +183,34 @@ fn scale() -> impl Strategy<Value = Option<f32>> {
     prop_oneof![3 => Just(None), 1 => (1..=1536u32).prop_map(|n| Some(n as f32 / 1024.0))]
 }
 
+/// The options beyond the causal mask, each off most of the time so plain cases stay common.
+#[derive(Clone, Copy, Debug)]
+struct OptionsDraw {
+    /// Sliding window, as `per_mille` of the capacity (at least 1 position).
+    window: Option<u16>,
+    softcap: Option<f32>,
+    /// Sink logits: normal with this std (sometimes far above the scores).
+    sinks: Option<f32>,
+    fused: bool,
+    /// Split-K chunk as a multiple of 64.
+    split_chunk: Option<usize>,
+}
+
+fn options() -> impl Strategy<Value = OptionsDraw> {
+    let window = prop_oneof![4 => Just(None), 1 => (0..=1000u16).prop_map(Some)];
+    let softcap = prop_oneof![4 => Just(None), 1 => select(vec![1.0f32, 5.0, 30.0, 50.0]).prop_map(Some)];
+    let sinks = prop_oneof![4 => Just(None), 1 => select(vec![1.0f32, 4.0, 16.0]).prop_map(Some)];
+    let fused = prop_oneof![3 => Just(false), 1 => Just(true)];
+    let split = prop_oneof![3 => Just(None), 1 => (1..=4usize).prop_map(|k| Some(64 * k))];
+    (window, softcap, sinks, fused, split).prop_map(|(window, softcap, sinks, fused, split_chunk)| OptionsDraw {
+        window,
+        softcap,
+        sinks,
+        fused,
+        split_chunk,
+    })
+}
+
 fn normal(std: f32) -> Dist {
     Dist::Normal { mean: 0.0, std }
 }
@@ -201,6 +229,7 @@ struct AttentionDraw {
     poison: Poison,
     regime: Regime,
     scale: Option<f32>,
+    options: OptionsDraw,
     seed: u64,
 }
 
@@ -219,6 +248,11 @@ impl AttentionDraw {
             layout: self.layout.0,
             pad: self.layout.1,
             scale: self.scale,
+            window: self.options.window.map(|w| (capacity * usize::from(w) / 1000).max(1)),
+            softcap: self.options.softcap,
+            sinks: self.options.sinks.map(normal),
+            fused: self.options.fused,
+            split_chunk: self.options.split_chunk,
             data: AttentionData {
                 seed: self.seed,
                 q: Dist::default(),
@@ -229,6 +263,12 @@ impl AttentionDraw {
             },
             expect: Expect::Pass,
         };
+        // A fused step appends n_queries tokens, so every sequence holds at least that many.
+        if case.fused {
+            case.n_queries = case.n_queries.min(capacity);
+            let nq = case.n_queries;
+            case.seq_lens.iter_mut().for_each(|l| *l = (*l).max(nq));
+        }
         fit_work(&mut case, limits.max_work);
         let d = &mut case.data;
         let regime = match self.regime {
@@ -295,10 +335,10 @@ pub fn attention_case() -> impl Strategy<Value = AttentionCase> {
 pub fn attention_case_within(limits: AttentionLimits) -> impl Strategy<Value = AttentionCase> {
     let shape = (head_dim(), 1..=4usize, gqa_ratio(), 1..=8usize, capacity(limits.max_capacity));
     let lens = proptest::collection::vec(len_draw(), 1..=4);
-    let values = (poison(), regime(), scale(), any::<u64>());
+    let values = (poison(), regime(), scale(), options(), any::<u64>());
     (dtype(), shape, lens, layout(), values).prop_map(
         move |(dtype, (head_dim, n_kv_heads, ratio, n_queries, capacity), lens, layout, values)| {
-            let (poison, regime, scale, seed) = values;
+            let (poison, regime, scale, options, seed) = values;
             AttentionDraw {
                 dtype,
                 head_dim,
@@ -311,6 +351,7 @@ pub fn attention_case_within(limits: AttentionLimits) -> impl Strategy<Value = A
                 poison,
                 regime,
                 scale,
+                options,
                 seed,
             }
             .into_case(limits)

@@ -27,8 +27,15 @@
 //!    summing the chunks adds ≤ (n_chunks + 2)·u·V twice, and n_chunks ≤ n/64 + 1 (already
 //!    counted in the 1.02·n of 4. plus a constant).
 //!
-//! Total: |o − o_ref| ≤ u·V·(4(D+2)·S + 24 + 20 ln n + 2.1·n + 30) + ABS_FLOOR, where ABS_FLOOR
-//! covers devices that flush f32 denormals (each of the n + D terms may lose < 2⁻¹²⁶).
+//! 6. Options. A softcap c replaces s by c·tanh(s/c): tanh is 1-Lipschitz, so 1. still bounds
+//!    the propagated error, and evaluating it adds ≤ (14c + 8S)·u (Vulkan's tanh inherits exp's
+//!    3 + 2|x| ULP with |x| ≤ S/c, scaled by c, plus the division and the product). A sink is
+//!    one more softmax term with an exact logit and no value: count it in n. A sliding window
+//!    only changes which positions are visible: n counts the visible ones.
+//!
+//! Total, with E = (D+2)·S (+ 14c + 8S with a softcap):
+//! |o − o_ref| ≤ u·V·(4E + 24 + 20 ln n + 2.1·n + 30) + ABS_FLOOR, where ABS_FLOOR covers
+//! devices that flush f32 denormals (each of the n + D terms may lose < 2⁻¹²⁶).
 //! A row with no visible position must be exactly 0.
 //!
 //! These are worst-case bounds; the NMSE ceiling is the one test-backend-ops uses for
@@ -46,15 +53,23 @@ const F32_MIN_NORMAL: f64 = 1.175_494_350_822_287_5e-38;
 
 /// Worst-case bound on |o − o_ref| for every element of one attention row.
 ///
-/// `n` visible positions, `head_dim` D, `max_abs_qk` = scale·maxⱼ Σ|q_d·k_jd|, `max_abs_v` = V.
-pub fn attention_element_bound(n: usize, head_dim: usize, max_abs_qk: f64, max_abs_v: f64) -> f64 {
+/// `n` softmax terms (visible positions, plus one for a sink), `head_dim` D, `max_abs_qk` =
+/// scale·maxⱼ Σ|q_d·k_jd| over the visible positions, `max_abs_v` = V, and the softcap if any.
+/// A row with no visible position (pass `n` = 0) must be exact.
+pub fn attention_element_bound(
+    n: usize,
+    head_dim: usize,
+    max_abs_qk: f64,
+    max_abs_v: f64,
+    softcap: Option<f64>,
+) -> f64 {
     if n == 0 {
         return 0.0;
     }
     let n_f = n as f64;
     let d = head_dim as f64;
-    U * max_abs_v * (4.0 * (d + 2.0) * max_abs_qk + 24.0 + 20.0 * n_f.ln() + 2.1 * n_f + 30.0)
-        + (n_f + d) * F32_MIN_NORMAL
+    let score_error = (d + 2.0) * max_abs_qk + softcap.map_or(0.0, |c| 14.0 * c + 8.0 * max_abs_qk);
+    U * max_abs_v * (4.0 * score_error + 24.0 + 20.0 * n_f.ln() + 2.1 * n_f + 30.0) + (n_f + d) * F32_MIN_NORMAL
 }
 
 #[cfg(test)]
@@ -63,16 +78,16 @@ mod tests {
 
     #[test]
     fn empty_rows_must_be_exact() {
-        assert_eq!(attention_element_bound(0, 128, 10.0, 1.0), 0.0);
+        assert_eq!(attention_element_bound(0, 128, 10.0, 1.0, None), 0.0);
     }
 
     #[test]
     fn bound_grows_with_length_and_logit_size() {
-        let a = attention_element_bound(64, 128, 5.0, 1.0);
-        assert!(attention_element_bound(4096, 128, 5.0, 1.0) > a);
-        assert!(attention_element_bound(64, 128, 500.0, 1.0) > a);
+        let a = attention_element_bound(64, 128, 5.0, 1.0, None);
+        assert!(attention_element_bound(4096, 128, 5.0, 1.0, None) > a);
+        assert!(attention_element_bound(64, 128, 500.0, 1.0, None) > a);
         // A typical row (D=128, |s| ~ 7, n = 4096) allows ~1e-3 of V: loose next to real f32
         // error, tight next to any real bug (an f16 accumulator is off by ~1e-3 per tile).
-        assert!(attention_element_bound(4096, 128, 7.0, 1.0) < 2e-3);
+        assert!(attention_element_bound(4096, 128, 7.0, 1.0, None) < 2e-3);
     }
 }

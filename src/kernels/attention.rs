@@ -1,6 +1,8 @@
 //! Decode attention, first version (correct before fast): split-K in two passes.
 //! `shaders/attention_split.comp` computes per-chunk partials (O, m, l) with an online softmax;
 //! `shaders/attention_merge.comp` merges them by log-sum-exp (skipped with one chunk).
+//! Options: sliding window, logit softcap, attention sinks, and a fused mode that appends the
+//! step's new K/V (the last `n_queries` positions of each sequence) in the same dispatch.
 //!
 //! Contract (the same as `vkdecode_reference::decode_attention`): Q f32 `[B][n_queries][H][D]`;
 //! K/V caches of `dtype` in any non-overlapping strided layout; `seq_lens[b]` valid positions per
@@ -16,8 +18,8 @@ use super::{
     words,
 };
 
-const PUSH_WORDS: usize = 12;
-const MERGE_PUSH_WORDS: usize = 3;
+const PUSH_WORDS: usize = 15;
+const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
 /// Largest automatic chunk.
@@ -43,16 +45,22 @@ pub enum AttentionMutant {
     VMisread = 5,
     /// Merges split-K chunks without rescaling each by exp(m_c − M).
     MergeNoRescale = 6,
+    /// Fused mode: reads the new tokens from the cache slots being written in the same dispatch.
+    FusedReadsCache = 7,
+    /// Each split-K chunk runs one position into the next (the boundary counted twice).
+    ChunkOverlap = 8,
 }
 
 impl AttentionMutant {
-    pub const ALL: [AttentionMutant; 6] = [
+    pub const ALL: [AttentionMutant; 8] = [
         AttentionMutant::CausalOffByOne,
         AttentionMutant::GqaModulo,
         AttentionMutant::NoMaxSubtract,
         AttentionMutant::F16Accumulate,
         AttentionMutant::VMisread,
         AttentionMutant::MergeNoRescale,
+        AttentionMutant::FusedReadsCache,
+        AttentionMutant::ChunkOverlap,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -62,6 +70,8 @@ impl AttentionMutant {
             AttentionMutant::F16Accumulate => "f16_accumulate",
             AttentionMutant::VMisread => "v_misread",
             AttentionMutant::MergeNoRescale => "merge_no_rescale",
+            AttentionMutant::FusedReadsCache => "fused_reads_cache",
+            AttentionMutant::ChunkOverlap => "chunk_overlap",
         }
     }
 }
@@ -79,6 +89,15 @@ pub struct AttentionParams {
     pub scale: f32,
     /// Positions per split-K chunk (a multiple of 64); `None` picks one from the capacity.
     pub split_chunk: Option<usize>,
+    /// Sliding window in positions (at least 1); `None`: the whole causal prefix.
+    pub window: Option<usize>,
+    /// Logit softcap c > 0: scaled logits s become c·tanh(s/c).
+    pub softcap: Option<f32>,
+    /// One sink logit per query head (the `sinks` buffer, f32 `[n_q_heads]`).
+    pub sinks: bool,
+    /// Append the step's new K/V (`new_k`/`new_v`, f32 `[B][n_queries][Hkv][D]`) at positions
+    /// `seq_lens[b] − n_queries + t` in the same dispatch; every `seq_lens[b]` ≥ `n_queries`.
+    pub fused: bool,
 }
 
 /// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
@@ -92,12 +111,22 @@ pub struct AttentionBuffers<'a> {
     pub out: &'a Buffer,
     pub partial_o: &'a Buffer,
     pub partial_ml: &'a Buffer,
+    /// With [`AttentionParams::sinks`].
+    pub sinks: Option<&'a Buffer>,
+    /// With [`AttentionParams::fused`].
+    pub new_k: Option<&'a Buffer>,
+    pub new_v: Option<&'a Buffer>,
 }
 
 impl AttentionParams {
     /// Number of f32 values in Q (and in the output).
     pub fn q_elements(&self) -> usize {
         self.n_seqs * self.n_queries * self.n_q_heads * self.head_dim
+    }
+
+    /// Number of f32 values in each of new K and new V (fused mode).
+    pub fn new_kv_elements(&self) -> usize {
+        self.n_seqs * self.n_queries * self.n_kv_heads * self.head_dim
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
@@ -159,6 +188,14 @@ impl AttentionParams {
         if !self.scale.is_finite() {
             return Err(invalid("scale", format!("{} is not finite", self.scale)));
         }
+        if self.window == Some(0) {
+            return Err(invalid("window", "a sliding window must be at least 1 position"));
+        }
+        if let Some(c) = self.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(invalid("softcap", format!("{c} is not a positive finite number")));
+        }
         let q = self.q_elements();
         if q > u32::MAX as usize || (q * 4) as u64 > device.max_storage_buffer_range {
             return Err(invalid("n_seqs", format!("Q of {q} elements exceeds the device's buffer range")));
@@ -188,6 +225,14 @@ impl AttentionParams {
                 format!("sequence {b}: length {len} exceeds capacity {}", self.layout.capacity),
             ));
         }
+        if self.fused
+            && let Some((b, &len)) = seq_lens.iter().enumerate().find(|&(_, &l)| (l as usize) < self.n_queries)
+        {
+            return Err(invalid(
+                "seq_lens",
+                format!("sequence {b}: length {len} cannot hold the {} new tokens of a fused append", self.n_queries),
+            ));
+        }
         Ok(())
     }
 }
@@ -214,16 +259,38 @@ pub fn record<'a>(
         check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes())?;
         check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes())?;
     }
+    // Absent optional inputs bind a buffer the shader never reads in that mode.
+    let sinks = match (params.sinks, bufs.sinks) {
+        (true, Some(b)) => {
+            check_buffer("sinks", b.size(), 4 * params.n_q_heads as u64)?;
+            b
+        }
+        (true, None) => return Err(invalid("sinks", "`sinks` is set but no sinks buffer was given").into()),
+        (false, _) => bufs.q,
+    };
+    let (new_k, new_v) = match (params.fused, bufs.new_k, bufs.new_v) {
+        (true, Some(k), Some(v)) => {
+            let bytes = 4 * params.new_kv_elements() as u64;
+            check_buffer("new_k", k.size(), bytes)?;
+            check_buffer("new_v", v.size(), bytes)?;
+            (k, v)
+        }
+        (true, _, _) => return Err(invalid("fused", "fused mode needs the new_k and new_v buffers").into()),
+        (false, _, _) => (bufs.q, bufs.q),
+    };
 
-    let shader = match params.dtype {
-        Dtype::F32 => &shaders::ATTENTION_SPLIT_F32,
-        Dtype::F16 => &shaders::ATTENTION_SPLIT_F16,
-        Dtype::Bf16 => &shaders::ATTENTION_SPLIT_BF16,
+    let shader = match (params.dtype, params.fused) {
+        (Dtype::F32, false) => &shaders::ATTENTION_SPLIT_F32,
+        (Dtype::F16, false) => &shaders::ATTENTION_SPLIT_F16,
+        (Dtype::Bf16, false) => &shaders::ATTENTION_SPLIT_BF16,
+        (Dtype::F32, true) => &shaders::ATTENTION_SPLIT_F32_FUSED,
+        (Dtype::F16, true) => &shaders::ATTENTION_SPLIT_F16_FUSED,
+        (Dtype::Bf16, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let spec = [(0, mutant_id)];
     let pipeline =
-        ctx.pipeline(&PipelineDesc { shader, bindings: 7, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+        ctx.pipeline(&PipelineDesc { shader, bindings: 10, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -238,8 +305,22 @@ pub fn record<'a>(
         params.n_seqs as u32,
         chunk as u32,
         n_chunks as u32,
+        params.window.unwrap_or(0) as u32,
+        params.softcap.unwrap_or(0.0).to_bits(),
+        u32::from(params.sinks),
     ]);
-    let buffers = [bufs.q, bufs.seq_lens, bufs.k_cache, bufs.v_cache, bufs.out, bufs.partial_o, bufs.partial_ml];
+    let buffers = [
+        bufs.q,
+        bufs.seq_lens,
+        bufs.k_cache,
+        bufs.v_cache,
+        bufs.out,
+        bufs.partial_o,
+        bufs.partial_ml,
+        sinks,
+        new_k,
+        new_v,
+    ];
     let groups = [n_chunks as u32, params.n_q_heads as u32, (params.n_seqs * params.n_queries) as u32];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
     if n_chunks == 1 {
@@ -250,14 +331,16 @@ pub fn record<'a>(
     let spec = [(0, mutant_id)];
     let merge = ctx.pipeline(&PipelineDesc {
         shader: &shaders::ATTENTION_MERGE,
-        bindings: 3,
+        bindings: 4,
         push_constant_bytes: 4 * MERGE_PUSH_WORDS as u32,
         spec: &spec,
     })?;
     let rows = (params.n_seqs * params.n_queries * params.n_q_heads) as u32;
     let max_x = ctx.info().max_workgroup_count[0];
     let (gx, gy) = if rows <= max_x { (rows, 1) } else { (max_x, rows.div_ceil(max_x)) };
-    let push = words(&[rows, params.head_dim as u32, n_chunks as u32]);
-    rec.dispatch(&merge, &[bufs.partial_o, bufs.partial_ml, bufs.out], &push, [gx, gy, 1], "decode_attention.merge")?;
+    let push =
+        words(&[rows, params.head_dim as u32, n_chunks as u32, params.n_q_heads as u32, u32::from(params.sinks)]);
+    let buffers = [bufs.partial_o, bufs.partial_ml, bufs.out, sinks];
+    rec.dispatch(&merge, &buffers, &push, [gx, gy, 1], "decode_attention.merge")?;
     Ok(())
 }
