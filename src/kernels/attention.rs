@@ -18,7 +18,11 @@ use super::{
     words,
 };
 
-const PUSH_WORDS: usize = 15;
+const PUSH_WORDS: usize = 16;
+/// Query heads × head dim one split workgroup holds (the shader's `Q_CAP`).
+const Q_CAP: usize = 4096;
+/// Query heads one split workgroup serves at most (the shader's `MAX_HPW`).
+const MAX_HEADS_PER_WORKGROUP: usize = 32;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
@@ -127,6 +131,17 @@ impl AttentionParams {
     /// Number of f32 values in each of new K and new V (fused mode).
     pub fn new_kv_elements(&self) -> usize {
         self.n_seqs * self.n_queries * self.n_kv_heads * self.head_dim
+    }
+
+    /// Query heads each split workgroup serves: the largest divisor of the GQA ratio that fits
+    /// the shader's shared query block, so a GQA group's K/V are read once (ratio·head_dim ≤
+    /// 4096, i.e. every ratio up to 32 at head_dim 128, up to 16 at 256).
+    pub fn heads_per_workgroup(&self) -> usize {
+        let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
+        (1..=ratio.min(MAX_HEADS_PER_WORKGROUP))
+            .rev()
+            .find(|&h| ratio.is_multiple_of(h) && h * self.head_dim <= Q_CAP)
+            .unwrap_or(1)
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
@@ -308,6 +323,7 @@ pub fn record<'a>(
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
         u32::from(params.sinks),
+        params.heads_per_workgroup() as u32,
     ]);
     let buffers = [
         bufs.q,
@@ -321,7 +337,8 @@ pub fn record<'a>(
         new_k,
         new_v,
     ];
-    let groups = [n_chunks as u32, params.n_q_heads as u32, (params.n_seqs * params.n_queries) as u32];
+    let head_blocks = params.n_q_heads / params.heads_per_workgroup();
+    let groups = [n_chunks as u32, head_blocks as u32, (params.n_seqs * params.n_queries) as u32];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
     if n_chunks == 1 {
         return Ok(());
