@@ -23,7 +23,12 @@ use super::report::CaseResult;
 pub const ATTENTION_SEMANTICS: &str = "query t of sequence b sits at position p = seq_lens[b] - n_queries + t \
      and attends to cache positions 0..=p (p < 0: output 0); query head h reads kv head h / (n_q_heads / n_kv_heads); \
      out = softmax(scale * q·k) · v over those positions (the reference computes in f64 on the f32 values of q.npy, \
-     k.npy and v.npy)";
+     k.npy and v.npy). Options, when present in this file: window w keeps positions max(0, p+1-w)..=p; softcap c \
+     maps each scaled logit s to c*tanh(s/c); sinks.npy [H] adds exp(sink[h] - M) to the softmax denominator \
+     (M the row max over logits and sink) with no value, and a row with no visible position stays 0; fused: \
+     the last n_queries positions of each sequence are new tokens given in new_k.npy/new_v.npy (f32 \
+     [B, n_queries, Hkv, D]), which the kernel rounds to the cache dtype, writes into the cache and attends to \
+     (k.npy/v.npy already hold them rounded; k_cache_raw.npy holds the poison the kernel overwrote)";
 
 pub const APPEND_SEMANTICS: &str = "token t of sequence b is written to position starts[b]+t at element offset \
      b*stride_seq + h*stride_head + pos*stride_pos + d, rounded to nearest even; no other element changes \
@@ -156,6 +161,16 @@ pub fn attention(
     w.array("seq_lens", &[b], NpyData::U32(&inputs.seq_lens), "valid cache positions per sequence [B]")?;
     w.array("out_gpu", &out_shape, NpyData::F32(&run.gpu), "GPU output [B, n_queries, H, D]")?;
     w.array("out_reference", &out_shape, NpyData::F64(&run.reference), "f64 reference output [B, n_queries, H, D]")?;
+    if let Some(sinks) = &inputs.sinks {
+        w.array("sinks", &[h], NpyData::F32(sinks), "one sink logit per query head [H]")?;
+    }
+    if let Some(fused) = &inputs.fused {
+        let new_shape = [b, nq, hkv, d];
+        let meaning =
+            "the step's new tokens, f32 [B, n_queries, Hkv, D], appended at positions seq_lens[b]-n_queries+t";
+        w.array("new_k", &new_shape, NpyData::F32(&fused.new_k), meaning)?;
+        w.array("new_v", &new_shape, NpyData::F32(&fused.new_v), meaning)?;
+    }
 
     let mut description = Map::new();
     description.insert("kernel".into(), json!("attention"));
@@ -171,6 +186,10 @@ pub fn attention(
     description.insert("scale".into(), json!(f64::from(p.scale)));
     description.insert("scale_f32_bits".into(), json!(format!("{:#010x}", p.scale.to_bits())));
     description.insert("seq_lens".into(), json!(inputs.seq_lens));
+    description.insert("window".into(), json!(p.window));
+    description.insert("softcap".into(), json!(p.softcap.map(f64::from)));
+    description.insert("sinks".into(), json!(p.sinks));
+    description.insert("fused".into(), json!(p.fused));
     description.insert("layout".into(), layout_json(l, case.layout.name(), case.pad));
     description.extend(verdict_json(result));
     description.insert("semantics".into(), json!(ATTENTION_SEMANTICS));
