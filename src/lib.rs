@@ -5,9 +5,11 @@
 //! Layout: [`gpu`] is the Vulkan runtime (the only `unsafe` code), [`kernels`] the typed kernel
 //! wrappers, [`cases`] everything about test cases (model, data, strategies, tolerances, running).
 
+pub mod bench;
 pub mod cases;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
 pub mod shaders;
 
 pub use vkdecode_reference as reference;

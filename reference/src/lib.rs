@@ -9,6 +9,7 @@ pub mod attention;
 pub mod dtype;
 pub mod kv_append;
 pub mod layout;
+pub mod qwen3;
 
 pub use attention::{AttentionOptions, AttentionShape, decode_attention, decode_attention_with};
 pub use dtype::Dtype;

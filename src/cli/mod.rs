@@ -6,6 +6,7 @@
 //! error. Reports go to stdout (a table, or one JSON object with `--json`); progress, notes and
 //! errors go to stderr.
 
+mod bench;
 mod check;
 mod devices;
 mod dump;
@@ -64,6 +65,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Run single case files, print the full verdict, optionally dump inputs and outputs as .npy
     Replay(replay::ReplayArgs),
+    /// GPU-timestamped benchmarks against the device's measured copy bandwidth
+    Bench(bench::BenchArgs),
 }
 
 /// How a command that ran ended: every case as expected, or not.
@@ -84,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::Devices(args) => devices::run(&cli.global, args),
         Command::Check(args) => check::run(&cli.global, args),
         Command::Replay(args) => replay::run(&cli.global, args),
+        Command::Bench(args) => bench::run(&cli.global, args),
     };
     match result {
         Ok(Finish::AllAsExpected) => ExitCode::SUCCESS,

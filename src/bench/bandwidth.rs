@@ -1,0 +1,124 @@
+//! The device's copy bandwidth, measured in the same run as the kernels it is the roofline for.
+//!
+//! Two figures, both counting bytes read + bytes written:
+//! - **shader**: `shaders/copy.comp`, uvec4 loads and stores (four per invocation) over a buffer
+//!   of min(256 MiB, maxStorageBufferRange) — far beyond any L2, so it is memory traffic. This is the
+//!   figure kernels are reported against: it is what a compute shader can stream.
+//! - **transfer**: `vkCmdCopyBuffer` of the same buffers (the driver's own copy path), for context.
+//!
+//! Consecutive copies write the same destination, so they are separated by barriers (like every
+//! benchmark here); the timing helper's per-call figure includes them.
+
+use std::sync::Arc;
+
+use crate::gpu::{Buffer, Context, DeviceInfo, Location, PipelineDesc};
+use crate::kernels::{Dtype, invalid};
+use crate::shaders;
+
+use super::timing::{Between, Timing, TimingConfig, time_calls};
+use super::upload::{device_buffer, finite_bytes};
+use super::{MIB, Result, gb_per_s};
+
+/// Largest buffer the copy probe uses.
+pub const MAX_COPY_BYTES: u64 = 256 * MIB;
+/// uvec4 elements one workgroup of `shaders/copy.comp` copies (its WG · PER_THREAD).
+const ELEMENTS_PER_WORKGROUP: u64 = 256 * 4;
+const ELEMENT: u64 = 16;
+
+/// Copy bandwidth of one run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CopyBandwidth {
+    /// Size of the source (and of the destination) buffer.
+    pub buffer_bytes: u64,
+    /// Bytes one copy moves: read + written = 2 × `buffer_bytes`.
+    pub bytes_per_call: u64,
+    /// The copy kernel (`shaders/copy.comp`).
+    pub shader: Timing,
+    /// `vkCmdCopyBuffer`, when measured.
+    pub transfer: Option<Timing>,
+}
+
+impl CopyBandwidth {
+    /// GB/s of the copy kernel at its median time: the roofline figure.
+    pub fn shader_gbps(&self) -> f64 {
+        gb_per_s(self.bytes_per_call, self.shader.per_call.median_ns)
+    }
+
+    /// GB/s of `vkCmdCopyBuffer` at its median time.
+    pub fn transfer_gbps(&self) -> Option<f64> {
+        self.transfer.as_ref().map(|t| gb_per_s(self.bytes_per_call, t.per_call.median_ns))
+    }
+}
+
+/// The copy probe's buffer size on `device`: min(`MAX_COPY_BYTES`, maxStorageBufferRange), a
+/// multiple of 16 bytes.
+pub fn default_copy_bytes(device: &DeviceInfo) -> u64 {
+    MAX_COPY_BYTES.min(device.max_storage_buffer_range) / ELEMENT * ELEMENT
+}
+
+/// Measures the copy bandwidth over two device-local buffers of `buffer_bytes` each (a multiple
+/// of 16); `transfer` adds the `vkCmdCopyBuffer` figure.
+pub fn measure_copy(
+    ctx: &Arc<Context>,
+    buffer_bytes: u64,
+    config: TimingConfig,
+    transfer: bool,
+    on_submit: &mut dyn FnMut(),
+) -> Result<CopyBandwidth> {
+    if buffer_bytes == 0 || !buffer_bytes.is_multiple_of(ELEMENT) {
+        return Err(invalid("buffer_bytes", format!("{buffer_bytes} is not a positive multiple of {ELEMENT}")).into());
+    }
+    let elements = buffer_bytes / ELEMENT;
+    let groups = elements.div_ceil(ELEMENTS_PER_WORKGROUP);
+    let [max_x, max_y, _] = ctx.info().max_workgroup_count.map(u64::from);
+    let (gx, gy) = if groups <= max_x { (groups, 1) } else { (max_x, groups.div_ceil(max_x)) };
+    if gy > max_y || elements > u64::from(u32::MAX) {
+        return Err(invalid("buffer_bytes", format!("{buffer_bytes} bytes exceed the copy kernel's grid")).into());
+    }
+    let src = device_buffer(ctx, "bench.copy.src", &finite_bytes(Dtype::F32, (buffer_bytes / 4) as usize, 7))?;
+    let dst = Buffer::new(ctx, "bench.copy.dst", buffer_bytes, Location::Device)?;
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::COPY, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
+    let push: Vec<u8> = [elements as u32, gx as u32].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let groups = [gx as u32, gy as u32, 1];
+    let shader = time_calls(
+        ctx,
+        "copy kernel",
+        config,
+        Between::Barrier,
+        |rec, _| Ok(rec.dispatch(&pipeline, &[&src, &dst], &push, groups, "bench.copy")?),
+        on_submit,
+    )?;
+    let transfer = if transfer {
+        Some(time_calls(
+            ctx,
+            "vkCmdCopyBuffer",
+            config,
+            Between::Barrier,
+            |rec, _| Ok(rec.copy(&src, &dst)?),
+            on_submit,
+        )?)
+    } else {
+        None
+    };
+    Ok(CopyBandwidth { buffer_bytes, bytes_per_call: 2 * buffer_bytes, shader, transfer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::ContextOptions;
+
+    #[test]
+    fn the_copy_probe_measures_both_paths_and_counts_read_plus_written() {
+        let ctx = Arc::new(Context::new(&ContextOptions::from_env()).expect("a Vulkan device (lavapipe in CI)"));
+        let config = TimingConfig { iters: 2, repeats: 2, warmup: 1 };
+        let copy = measure_copy(&ctx, 1 << 20, config, true, &mut || {}).unwrap();
+        assert_eq!(copy.bytes_per_call, 2 << 20);
+        assert!(copy.shader_gbps() > 0.0 && copy.transfer_gbps().is_some_and(|g| g > 0.0));
+        assert_eq!(copy.shader.per_call_counters.dispatches, 1);
+        assert_eq!(copy.transfer.as_ref().map(|t| t.per_call_counters.copies), Some(1));
+        assert!(measure_copy(&ctx, 1000, config, false, &mut || {}).is_err(), "not a multiple of 16");
+        assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
+    }
+}
