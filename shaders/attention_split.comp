@@ -187,11 +187,28 @@ void main() {
         if (j < end) {
             uint off = kv_base + j * p.stride_pos;
             uint nrow = new_row(b, kvh, j, first_new);
-            for (uint d = 0; d < D; ++d) {
-                float kd = load_k(off, nrow, d);
-                for (uint k = 0; k < RPT; ++k) {
-                    uint r = rg + k * ROW_GROUPS;
-                    if (r < hpw) dots[k] += q_s[r * D + d] * kd;
+            if (nrow == 0xffffffffu && off + D <= k_cache.length()) {
+                // Fast path: a cache row in bounds; 8 independent loads in flight per step
+                // (head dims are multiples of 8).
+                for (uint d = 0; d < D; d += 8) {
+                    float kd[8];
+                    for (uint u = 0; u < 8; ++u) kd[u] = kv_load(uint(k_cache[off + d + u]));
+                    for (uint k = 0; k < RPT; ++k) {
+                        uint r = rg + k * ROW_GROUPS;
+                        if (r < hpw) {
+                            float acc_k = dots[k];
+                            for (uint u = 0; u < 8; ++u) acc_k += q_s[r * D + d + u] * kd[u];
+                            dots[k] = acc_k;
+                        }
+                    }
+                }
+            } else {
+                for (uint d = 0; d < D; ++d) {
+                    float kd = load_k(off, nrow, d);
+                    for (uint k = 0; k < RPT; ++k) {
+                        uint r = rg + k * ROW_GROUPS;
+                        if (r < hpw) dots[k] += q_s[r * D + d] * kd;
+                    }
                 }
             }
         }

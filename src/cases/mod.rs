@@ -2,6 +2,7 @@
 //! a device against the reference, the corpus on disk, and the proptest strategies shared by
 //! `cargo test` and the fuzzer.
 
+pub mod campaign;
 pub mod corpus;
 pub mod data;
 pub mod grid;

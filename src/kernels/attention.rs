@@ -28,6 +28,8 @@ const MERGE_PUSH_WORDS: usize = 5;
 pub const CHUNK_TILE: usize = 64;
 /// Largest automatic chunk.
 pub const MAX_AUTO_CHUNK: usize = 1024;
+/// Split workgroups the automatic chunk size aims at.
+pub const TARGET_WORKGROUPS: usize = 1024;
 /// Query tokens per sequence (speculative verification uses up to 8).
 pub const MAX_QUERIES: usize = 8;
 /// Query heads per kv head.
@@ -145,12 +147,17 @@ impl AttentionParams {
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
-    /// about four chunks per sequence (so merges run even on short caches) of at most
-    /// [`MAX_AUTO_CHUNK`] positions.
+    /// [`TARGET_WORKGROUPS`] split workgroups in all (enough to fill a large GPU, whose
+    /// multiprocessors each want several resident workgroups to hide memory latency), with
+    /// chunks of 64 to [`MAX_AUTO_CHUNK`] positions and at least four chunks per sequence so the
+    /// merge runs even on short caches.
     pub fn split(&self) -> (usize, usize) {
         let capacity = self.layout.capacity.max(1);
-        let chunk =
-            self.split_chunk.unwrap_or_else(|| capacity.div_ceil(4).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK));
+        let chunk = self.split_chunk.unwrap_or_else(|| {
+            let others = (self.n_q_heads / self.heads_per_workgroup()) * self.n_seqs * self.n_queries;
+            let chunks = TARGET_WORKGROUPS.div_ceil(others.max(1)).max(4);
+            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK)
+        });
         (chunk, capacity.div_ceil(chunk))
     }
 
