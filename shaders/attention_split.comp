@@ -151,17 +151,6 @@ void main() {
     uint end = min(n_valid, c * p.chunk + p.chunk + (MUTANT == M_CHUNK_OVERLAP ? 1u : 0u));
     uint first_new = len >= p.n_queries ? len - p.n_queries : 0u;   // host checks len >= n_queries
 
-#if defined(FUSED)
-    // Fused append: one workgroup per (sequence, token, kv head) writes the token's K/V.
-    if (c == 0u && gl_WorkGroupID.y % blocks == 0u && len >= p.n_queries) {
-        uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
-        uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
-        for (uint d = tid; d < D; d += WG) {
-            if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(new_k[src + d], false));
-            if (src + d < new_v.length() && dst + d < v_cache.length()) v_cache[dst + d] = KV_T(kv_store(new_v[src + d], false));
-        }
-    }
-#endif
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
     for (uint i = tid; i < hpw * D; i += WG) {
@@ -263,7 +252,8 @@ void main() {
             }
         }
         if (MUTANT == M_F16_ACCUMULATE) {
-            for (uint i = 0; i < ACC; ++i) acc[i] = unpackHalf2x16(packHalf2x16(vec2(acc[i], 0.0))).x;
+            // Rounded in integer arithmetic: drivers may fold unpack(pack(x)) to x (NVIDIA does).
+            for (uint i = 0; i < ACC; ++i) acc[i] = unpackHalf2x16(f32_to_f16_rne(floatBitsToUint(acc[i]))).x;
         }
         barrier();   // p_s and alpha_s are rewritten by the next tile
     }
@@ -274,6 +264,21 @@ void main() {
         p_s[tid] = l;
     }
     barrier();
+
+#if defined(FUSED)
+    // Fused append, after this workgroup's reads: one workgroup per (sequence, token, kv head)
+    // writes the token's K/V, the one whose chunk holds the token (so the mutant that reads the
+    // slot instead of the input reads its own unwritten slot: poison, deterministically).
+    uint own = min((first_new + t) / max(p.chunk, 1u), p.n_chunks - 1u);
+    if (c == own && gl_WorkGroupID.y % blocks == 0u && len >= p.n_queries) {
+        uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
+        uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
+        for (uint d = tid; d < D; d += WG) {
+            if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(new_k[src + d], false));
+            if (src + d < new_v.length() && dst + d < v_cache.length()) v_cache[dst + d] = KV_T(kv_store(new_v[src + d], false));
+        }
+    }
+#endif
 
     if (p.n_chunks == 1u) {
         for (uint i = 0; i < ACC; ++i) {
