@@ -4,7 +4,7 @@
 //! fuzzer and `replay --dump` all see identical inputs. Cache bytes start as poison everywhere;
 //! only visible elements get real values, already rounded to the cache dtype.
 
-use vkdecode_reference::dtype::{decode, encode, load, store};
+use vkdecode_reference::dtype::{decode, encode, store};
 
 use super::model::{AppendCase, AppendValues, AttentionCase, Dist, Poison};
 use super::rng::Rng;
@@ -76,6 +76,26 @@ fn poison_bits(dtype: Dtype, poison: Poison, rng: &mut Rng) -> u32 {
     }
 }
 
+/// Writes the element `bits` into every element of `bytes`.
+fn fill(dtype: Dtype, bytes: &mut [u8], bits: u32) {
+    let size = dtype.size();
+    let pattern = &bits.to_le_bytes()[..size];
+    bytes.chunks_exact_mut(size).for_each(|e| e.copy_from_slice(pattern));
+}
+
+/// Every element of a little-endian cache decoded to f32 (as `dtype::decode` does, in bulk).
+fn decode_all(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+        }
+        Dtype::Bf16 => {
+            bytes.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
+        }
+    }
+}
+
 /// Materializes an attention case.
 pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamError> {
     let params = case.params()?;
@@ -91,9 +111,16 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
     let mut k_bytes = vec![0u8; n * dtype.size()];
     let mut v_bytes = vec![0u8; n * dtype.size()];
     let mut poison_rng = Rng::stream(seed, "poison");
-    for i in 0..n {
-        store(dtype, &mut k_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
-        store(dtype, &mut v_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+    if case.data.poison == Poison::Garbage {
+        for i in 0..n {
+            store(dtype, &mut k_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+            store(dtype, &mut v_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+        }
+    } else {
+        // A constant pattern draws nothing from the stream: fill element-wise by copy.
+        let bits = poison_bits(dtype, case.data.poison, &mut poison_rng);
+        fill(dtype, &mut k_bytes, bits);
+        fill(dtype, &mut v_bytes, bits);
     }
     let (mut krng, mut vrng) = (Rng::stream(seed, "k"), Rng::stream(seed, "v"));
     let group = p.n_q_heads / p.n_kv_heads;
@@ -126,8 +153,7 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
             }
         }
     }
-    let k = (0..n).map(|i| decode(dtype, load(dtype, &k_bytes, i))).collect();
-    let v = (0..n).map(|i| decode(dtype, load(dtype, &v_bytes, i))).collect();
+    let (k, v) = (decode_all(dtype, &k_bytes), decode_all(dtype, &v_bytes));
     let fused = p.fused.then(|| {
         let (k_after, v_after) = (k_bytes.clone(), v_bytes.clone());
         // The slots the kernel writes start as poison, so a kernel that reads them shows.
@@ -200,4 +226,29 @@ pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
     let v_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
     let starts = case.starts.iter().map(|&s| s as u32).collect();
     Ok(AppendInputs { params, new_k, new_v, starts, k_before, v_before })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vkdecode_reference::dtype::load;
+
+    #[test]
+    fn bulk_decode_matches_the_reference_decode() {
+        let mut rng = Rng::new(3);
+        for dtype in Dtype::ALL {
+            let bytes: Vec<u8> = (0..4096).map(|_| rng.next_u32() as u8).collect();
+            let bulk = decode_all(dtype, &bytes);
+            for (i, &x) in bulk.iter().enumerate() {
+                assert_eq!(x.to_bits(), decode(dtype, load(dtype, &bytes, i)).to_bits(), "{dtype} element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn fill_writes_every_element() {
+        let mut bytes = vec![0u8; 10];
+        fill(Dtype::F16, &mut bytes, 0x7e00);
+        assert!((0..5).all(|i| load(Dtype::F16, &bytes, i) == 0x7e00));
+    }
 }
