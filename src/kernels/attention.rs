@@ -20,7 +20,7 @@ use super::{
 
 const PUSH_WORDS: usize = 16;
 /// Query heads × head dim one split workgroup holds (the shader's `Q_CAP`).
-const Q_CAP: usize = 4096;
+const Q_CAP: usize = 1024;
 /// Query heads one split workgroup serves at most (the shader's `MAX_HPW`).
 const MAX_HEADS_PER_WORKGROUP: usize = 32;
 const MERGE_PUSH_WORDS: usize = 5;
@@ -136,8 +136,9 @@ impl AttentionParams {
     }
 
     /// Query heads each split workgroup serves: the largest divisor of the GQA ratio that fits
-    /// the shader's shared query block, so a GQA group's K/V are read once (ratio·head_dim ≤
-    /// 4096, i.e. every ratio up to 32 at head_dim 128, up to 16 at 256).
+    /// the shader's query block (heads·head_dim ≤ 1024, small enough that every invocation's
+    /// accumulators stay in registers), so a GQA group's K/V are read once for ratios up to 8 at
+    /// head_dim 128 and 4 at 256, and once per block of heads beyond that.
     pub fn heads_per_workgroup(&self) -> usize {
         let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
         (1..=ratio.min(MAX_HEADS_PER_WORKGROUP))
