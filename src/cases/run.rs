@@ -139,6 +139,77 @@ pub fn run_attention_inputs(
     Ok(run_attention_gpu(ctx, inputs, mutant)?.out)
 }
 
+/// The device buffers of one attention call, uploaded from materialized inputs. Output and
+/// split-K partials are poisoned, so anything left unwritten shows.
+struct AttentionUploads {
+    q: Buffer,
+    seq_lens: Buffer,
+    k: Buffer,
+    v: Buffer,
+    out: Buffer,
+    partial_o: Buffer,
+    partial_ml: Buffer,
+    sinks: Option<Buffer>,
+    /// The step's new K/V (fused inputs), when the inputs have them.
+    new_kv: Option<(Buffer, Buffer)>,
+}
+
+impl AttentionUploads {
+    /// `readable_caches`: put the caches in host-readable memory, for calls that write them.
+    fn new(
+        ctx: &Arc<Context>,
+        inputs: &AttentionInputs,
+        p: &AttentionParams,
+        readable_caches: bool,
+    ) -> Result<Self, RunError> {
+        let cache_location = if readable_caches { Location::Readback } else { Location::Upload };
+        let upload = |name: &str, bytes: &[u8], location| Buffer::with_bytes(ctx, name, bytes, location);
+        let poisoned = |name: &str, bytes: u64, location| Buffer::with_bytes(ctx, name, &poison_bytes(bytes), location);
+        Ok(AttentionUploads {
+            q: upload("attention.q", &f32_bytes(&inputs.q), Location::Upload)?,
+            seq_lens: upload("attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?,
+            k: upload("attention.k_cache", &inputs.k_bytes, cache_location)?,
+            v: upload("attention.v_cache", &inputs.v_bytes, cache_location)?,
+            out: poisoned("attention.out", 4 * p.q_elements() as u64, Location::Readback)?,
+            partial_o: poisoned("attention.partial_o", p.partial_o_bytes(), Location::Upload)?,
+            partial_ml: poisoned("attention.partial_ml", p.partial_ml_bytes(), Location::Upload)?,
+            sinks: inputs
+                .sinks
+                .as_ref()
+                .map(|s| upload("attention.sinks", &f32_bytes(s), Location::Upload))
+                .transpose()?,
+            new_kv: match &inputs.fused {
+                Some(f) => Some((
+                    upload("attention.new_k", &f32_bytes(&f.new_k), Location::Upload)?,
+                    upload("attention.new_v", &f32_bytes(&f.new_v), Location::Upload)?,
+                )),
+                None => None,
+            },
+        })
+    }
+
+    /// The kernel's view; `fused` binds the new K/V inputs.
+    fn buffers(&self, fused: bool) -> AttentionBuffers<'_> {
+        let new_kv = self.new_kv.as_ref().filter(|_| fused);
+        AttentionBuffers {
+            q: &self.q,
+            seq_lens: &self.seq_lens,
+            k_cache: &self.k,
+            v_cache: &self.v,
+            out: &self.out,
+            partial_o: &self.partial_o,
+            partial_ml: &self.partial_ml,
+            sinks: self.sinks.as_ref(),
+            new_k: new_kv.map(|(k, _)| k),
+            new_v: new_kv.map(|(_, v)| v),
+        }
+    }
+
+    fn output(&self) -> Result<Vec<f32>, RunError> {
+        Ok(self.out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect())
+    }
+}
+
 /// Runs materialized attention inputs on the device. Output and split-K partials are poisoned
 /// first, so anything left unwritten shows; fused calls also return both caches.
 pub fn run_attention_gpu(
@@ -149,54 +220,18 @@ pub fn run_attention_gpu(
     let p = inputs.params;
     p.validate(ctx)?;
     p.validate_seq_lens(&inputs.seq_lens)?;
-    let q = Buffer::with_bytes(ctx, "attention.q", &f32_bytes(&inputs.q), Location::Upload)?;
-    let lens = Buffer::with_bytes(ctx, "attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?;
-    let cache_location = if p.fused { Location::Readback } else { Location::Upload };
-    let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, cache_location)?;
-    let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, cache_location)?;
-    let out = Buffer::with_bytes(ctx, "attention.out", &poison_bytes(4 * p.q_elements() as u64), Location::Readback)?;
-    let partial_o =
-        Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
-    let partial_ml =
-        Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
-    let sinks = match &inputs.sinks {
-        Some(s) => Some(Buffer::with_bytes(ctx, "attention.sinks", &f32_bytes(s), Location::Upload)?),
-        None => None,
-    };
-    let new_kv = match &inputs.fused {
-        Some(f) => Some((
-            Buffer::with_bytes(ctx, "attention.new_k", &f32_bytes(&f.new_k), Location::Upload)?,
-            Buffer::with_bytes(ctx, "attention.new_v", &f32_bytes(&f.new_v), Location::Upload)?,
-        )),
-        None => None,
-    };
+    let dev = AttentionUploads::new(ctx, inputs, &p, p.fused)?;
     let mut rec = Recorder::new(ctx)?;
-    let bufs = AttentionBuffers {
-        q: &q,
-        seq_lens: &lens,
-        k_cache: &k,
-        v_cache: &v,
-        out: &out,
-        partial_o: &partial_o,
-        partial_ml: &partial_ml,
-        sinks: sinks.as_ref(),
-        new_k: new_kv.as_ref().map(|(k, _)| k),
-        new_v: new_kv.as_ref().map(|(_, v)| v),
-    };
-    attention::record(&mut rec, ctx, &p, bufs, mutant)?;
+    attention::record(&mut rec, ctx, &p, dev.buffers(p.fused), mutant)?;
     rec.submit()?;
-    let out = out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
-    let caches_after = if p.fused { Some((k.read()?, v.read()?)) } else { None };
-    Ok(AttentionGpu { out, caches_after })
+    let caches_after = if p.fused { Some((dev.k.read()?, dev.v.read()?)) } else { None };
+    Ok(AttentionGpu { out: dev.output()?, caches_after })
 }
 
 /// The unfused way to do a fused case's work: the append kernel writes the new tokens, a
 /// barrier, then attention reads them from the cache, all in one command buffer. The fused
 /// kernel must agree with this (both match the reference; both leave the same caches).
 pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> Result<AttentionGpu, RunError> {
-    let Some(fused) = &inputs.fused else {
-        return Err(crate::kernels::invalid("fused", "append-then-attend needs a fused case").into());
-    };
     let p = AttentionParams { fused: false, ..inputs.params };
     p.validate(ctx)?;
     p.validate_seq_lens(&inputs.seq_lens)?;
@@ -211,42 +246,18 @@ pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> R
     let starts: Vec<u32> = inputs.seq_lens.iter().map(|&l| l - p.n_queries as u32).collect();
     append.validate(ctx)?;
     append.validate_starts(&starts)?;
-    let q = Buffer::with_bytes(ctx, "attention.q", &f32_bytes(&inputs.q), Location::Upload)?;
-    let lens = Buffer::with_bytes(ctx, "attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?;
+    let dev = AttentionUploads::new(ctx, inputs, &p, true)?;
     let start = Buffer::with_bytes(ctx, "kv_append.start", &u32_bytes(&starts), Location::Upload)?;
-    let k = Buffer::with_bytes(ctx, "attention.k_cache", &inputs.k_bytes, Location::Readback)?;
-    let v = Buffer::with_bytes(ctx, "attention.v_cache", &inputs.v_bytes, Location::Readback)?;
-    let new_k = Buffer::with_bytes(ctx, "attention.new_k", &f32_bytes(&fused.new_k), Location::Upload)?;
-    let new_v = Buffer::with_bytes(ctx, "attention.new_v", &f32_bytes(&fused.new_v), Location::Upload)?;
-    let out = Buffer::with_bytes(ctx, "attention.out", &poison_bytes(4 * p.q_elements() as u64), Location::Readback)?;
-    let partial_o =
-        Buffer::with_bytes(ctx, "attention.partial_o", &poison_bytes(p.partial_o_bytes()), Location::Upload)?;
-    let partial_ml =
-        Buffer::with_bytes(ctx, "attention.partial_ml", &poison_bytes(p.partial_ml_bytes()), Location::Upload)?;
-    let sinks = match &inputs.sinks {
-        Some(s) => Some(Buffer::with_bytes(ctx, "attention.sinks", &f32_bytes(s), Location::Upload)?),
-        None => None,
+    let Some((new_k, new_v)) = dev.new_kv.as_ref() else {
+        return Err(crate::kernels::invalid("fused", "append-then-attend needs a fused case").into());
     };
     let mut rec = Recorder::new(ctx)?;
-    let bufs = AppendBuffers { new_k: &new_k, new_v: &new_v, start: &start, k_cache: &k, v_cache: &v };
+    let bufs = AppendBuffers { new_k, new_v, start: &start, k_cache: &dev.k, v_cache: &dev.v };
     kv_append::record(&mut rec, ctx, &append, bufs, None)?;
     rec.barrier(); // the attention below reads what the append wrote
-    let bufs = AttentionBuffers {
-        q: &q,
-        seq_lens: &lens,
-        k_cache: &k,
-        v_cache: &v,
-        out: &out,
-        partial_o: &partial_o,
-        partial_ml: &partial_ml,
-        sinks: sinks.as_ref(),
-        new_k: None,
-        new_v: None,
-    };
-    attention::record(&mut rec, ctx, &p, bufs, None)?;
+    attention::record(&mut rec, ctx, &p, dev.buffers(false), None)?;
     rec.submit()?;
-    let out = out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
-    Ok(AttentionGpu { out, caches_after: Some((k.read()?, v.read()?)) })
+    Ok(AttentionGpu { out: dev.output()?, caches_after: Some((dev.k.read()?, dev.v.read()?)) })
 }
 
 /// Fused calls: both caches must equal the expected bytes exactly (the new slots written, every
