@@ -273,10 +273,6 @@ pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) ->
     }
 }
 
-fn u32_bytes(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Everything a call of `shape` in `mode` is made of: kernel parameters and host copies of the
 /// small inputs, checked against the kernels' contracts and the device.
 struct Plan {
@@ -332,8 +328,8 @@ pub fn measure(
 
     let q_elements = p.q_elements();
     let q = device_buffer(ctx, "bench.attention.q", &finite_bytes(Dtype::F32, q_elements, 2))?;
-    let lens = device_buffer(ctx, "bench.attention.seq_lens", &u32_bytes(&seq_lens))?;
-    let start = device_buffer(ctx, "bench.attention.start", &u32_bytes(&starts))?;
+    let lens = device_buffer(ctx, "bench.attention.seq_lens", &crate::kernels::words(&seq_lens))?;
+    let start = device_buffer(ctx, "bench.attention.start", &crate::kernels::words(&starts))?;
     let new_k = device_buffer(ctx, "bench.attention.new_k", &finite_bytes(Dtype::F32, p.new_kv_elements(), 3))?;
     let new_v = device_buffer(ctx, "bench.attention.new_v", &finite_bytes(Dtype::F32, p.new_kv_elements(), 4))?;
     let out = Buffer::new(ctx, "bench.attention.out", 4 * q_elements as u64, Location::Device)?;

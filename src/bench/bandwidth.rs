@@ -71,7 +71,7 @@ pub fn measure_copy(
     let elements = buffer_bytes / ELEMENT;
     let groups = elements.div_ceil(ELEMENTS_PER_WORKGROUP);
     let [max_x, max_y, _] = ctx.info().max_workgroup_count.map(u64::from);
-    let (gx, gy) = if groups <= max_x { (groups, 1) } else { (max_x, groups.div_ceil(max_x)) };
+    let (gx, gy) = crate::kernels::grid_2d(groups, max_x);
     if gy > max_y || elements > u64::from(u32::MAX) {
         return Err(invalid("buffer_bytes", format!("{buffer_bytes} bytes exceed the copy kernel's grid")).into());
     }
@@ -79,7 +79,7 @@ pub fn measure_copy(
     let dst = Buffer::new(ctx, "bench.copy.dst", buffer_bytes, Location::Device)?;
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader: &shaders::COPY, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
-    let push: Vec<u8> = [elements as u32, gx as u32].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let push = crate::kernels::words(&[elements as u32, gx as u32]);
     let groups = [gx as u32, gy as u32, 1];
     let shader = time_calls(
         ctx,

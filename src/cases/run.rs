@@ -15,7 +15,7 @@ use super::tolerance::{ATTENTION_MAX_NMSE, attention_element_bound, denormal_flo
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
 use crate::kernels::kv_append::{self, AppendBuffers, AppendParams};
-use crate::kernels::{KernelError, Mutant, ParamError};
+use crate::kernels::{KernelError, Mutant, ParamError, words};
 
 /// Bits written into every output element before a dispatch: a NaN no kernel produces.
 const OUTPUT_POISON: u32 = 0x7fa5_a5a5;
@@ -104,10 +104,6 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn u32_bytes(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Runs an attention case on the GPU and the reference, and compares.
 pub fn run_attention(
     ctx: &Arc<Context>,
@@ -167,7 +163,7 @@ impl AttentionUploads {
         let poisoned = |name: &str, bytes: u64, location| Buffer::with_bytes(ctx, name, &poison_bytes(bytes), location);
         Ok(AttentionUploads {
             q: upload("attention.q", &f32_bytes(&inputs.q), Location::Upload)?,
-            seq_lens: upload("attention.seq_lens", &u32_bytes(&inputs.seq_lens), Location::Upload)?,
+            seq_lens: upload("attention.seq_lens", &words(&inputs.seq_lens), Location::Upload)?,
             k: upload("attention.k_cache", &inputs.k_bytes, cache_location)?,
             v: upload("attention.v_cache", &inputs.v_bytes, cache_location)?,
             out: poisoned("attention.out", 4 * p.q_elements() as u64, Location::Readback)?,
@@ -247,7 +243,7 @@ pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> R
     append.validate(ctx)?;
     append.validate_starts(&starts)?;
     let dev = AttentionUploads::new(ctx, inputs, &p, true)?;
-    let start = Buffer::with_bytes(ctx, "kv_append.start", &u32_bytes(&starts), Location::Upload)?;
+    let start = Buffer::with_bytes(ctx, "kv_append.start", &words(&starts), Location::Upload)?;
     let Some((new_k, new_v)) = dev.new_kv.as_ref() else {
         return Err(crate::kernels::invalid("fused", "append-then-attend needs a fused case").into());
     };
@@ -395,7 +391,7 @@ pub fn run_append(
     p.validate_starts(&inputs.starts)?;
     let new_k = Buffer::with_bytes(ctx, "kv_append.new_k", &f32_bytes(&inputs.new_k), Location::Upload)?;
     let new_v = Buffer::with_bytes(ctx, "kv_append.new_v", &f32_bytes(&inputs.new_v), Location::Upload)?;
-    let start = Buffer::with_bytes(ctx, "kv_append.start", &u32_bytes(&inputs.starts), Location::Upload)?;
+    let start = Buffer::with_bytes(ctx, "kv_append.start", &words(&inputs.starts), Location::Upload)?;
     let k_cache = Buffer::with_bytes(ctx, "kv_append.k_cache", &inputs.k_before, Location::Readback)?;
     let v_cache = Buffer::with_bytes(ctx, "kv_append.v_cache", &inputs.v_before, Location::Readback)?;
     let mut rec = Recorder::new(ctx)?;

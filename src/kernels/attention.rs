@@ -14,8 +14,8 @@ use crate::gpu::{Buffer, Context, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
-    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, invalid,
-    words,
+    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, grid_2d,
+    invalid, words,
 };
 
 const PUSH_WORDS: usize = 16;
@@ -362,7 +362,8 @@ pub fn record<'a>(
     })?;
     let rows = (params.n_seqs * params.n_queries * params.n_q_heads) as u32;
     let max_x = ctx.info().max_workgroup_count[0];
-    let (gx, gy) = if rows <= max_x { (rows, 1) } else { (max_x, rows.div_ceil(max_x)) };
+    let (gx, gy) = grid_2d(u64::from(rows), u64::from(max_x));
+    let (gx, gy) = (gx as u32, gy as u32);
     let push =
         words(&[rows, params.head_dim as u32, n_chunks as u32, params.n_q_heads as u32, u32::from(params.sinks)]);
     let buffers = [bufs.partial_o, bufs.partial_ml, bufs.out, sinks];

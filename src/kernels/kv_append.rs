@@ -6,8 +6,8 @@ use crate::gpu::{Buffer, Context, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
-    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, invalid,
-    words,
+    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, grid_2d,
+    invalid, words,
 };
 
 const WORKGROUP: usize = 64;
@@ -133,7 +133,8 @@ pub fn record<'a>(
         ctx.pipeline(&PipelineDesc { shader, bindings: 5, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let groups = params.new_elements().div_ceil(WORKGROUP) as u32;
     let max_x = ctx.info().max_workgroup_count[0];
-    let (gx, gy) = if groups <= max_x { (groups, 1) } else { (max_x, groups.div_ceil(max_x)) };
+    let (gx, gy) = grid_2d(u64::from(groups), u64::from(max_x));
+    let (gx, gy) = (gx as u32, gy as u32);
     let l = &params.layout;
     let push = words(&[
         params.n_seqs as u32,

@@ -110,9 +110,15 @@ pub(crate) fn check_buffer(name: &'static str, have: u64, need: u64) -> Result<(
     Ok(())
 }
 
-/// Packs push constants: every field is a 32-bit word.
+/// Little-endian bytes of 32-bit words: push constants, index and length buffers.
 pub(crate) fn words(values: &[u32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A 1-D grid of `groups` workgroups folded into 2-D when it exceeds the device's x limit;
+/// shaders rebuild the linear index from `gl_WorkGroupID.y * gx + gl_WorkGroupID.x`.
+pub(crate) fn grid_2d(groups: u64, max_x: u64) -> (u64, u64) {
+    if groups <= max_x { (groups, 1) } else { (max_x, groups.div_ceil(max_x)) }
 }
 
 /// A deliberately broken kernel variant, named `<kernel>.<mutant>` (e.g. `attention.gqa_modulo`).

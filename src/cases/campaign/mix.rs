@@ -120,6 +120,40 @@ pub fn attention_template() -> AttentionCase {
         .clone()
 }
 
+/// The shape, batch, layout and data source of a generated attention case, the rest from
+/// [`attention_template`].
+struct AttentionShapeDraw {
+    dtype: Dtype,
+    head_dim: usize,
+    n_kv_heads: usize,
+    ratio: usize,
+    n_queries: usize,
+    seq_lens: Vec<usize>,
+    capacity: usize,
+    layout: LayoutKind,
+    pad: usize,
+    seed: u64,
+    poison: Poison,
+}
+
+impl AttentionShapeDraw {
+    fn into_case(self) -> AttentionCase {
+        let mut case = attention_template();
+        case.dtype = self.dtype;
+        case.n_kv_heads = self.n_kv_heads;
+        case.n_q_heads = self.n_kv_heads * self.ratio;
+        case.head_dim = self.head_dim;
+        case.n_queries = self.n_queries;
+        case.seq_lens = self.seq_lens;
+        case.capacity = self.capacity;
+        case.layout = self.layout;
+        case.pad = self.pad;
+        case.data.seed = self.seed;
+        case.data.poison = self.poison;
+        case
+    }
+}
+
 /// The template every generated append case starts from.
 pub fn append_template() -> AppendCase {
     static TEMPLATE: OnceLock<AppendCase> = OnceLock::new();
@@ -362,19 +396,21 @@ pub fn adversarial_attention() -> impl Strategy<Value = AttentionCase> {
             let (poison, regime, scale, options, seed) = values;
             let seq_lens: Vec<usize> = lens.iter().map(|l| l.resolve(n_queries)).collect();
             let capacity = seq_lens.iter().copied().max().unwrap_or(0).max(1) + slack;
-            let mut case = attention_template();
-            case.dtype = dtype;
-            case.n_kv_heads = n_kv_heads;
-            case.n_q_heads = n_kv_heads * ratio;
-            case.head_dim = head_dim;
-            case.n_queries = n_queries;
-            case.seq_lens = seq_lens;
-            case.capacity = capacity;
-            case.layout = layout;
-            case.pad = pad;
+            let mut case = AttentionShapeDraw {
+                dtype,
+                head_dim,
+                n_kv_heads,
+                ratio,
+                n_queries,
+                seq_lens,
+                capacity,
+                layout,
+                pad,
+                seed,
+                poison,
+            }
+            .into_case();
             case.scale = scale;
-            case.data.seed = seed;
-            case.data.poison = poison;
             fit_work(&mut case, CAMPAIGN_MAX_WORK);
             options.apply(&mut case);
             regime.apply(&mut case);
@@ -424,18 +460,20 @@ pub fn long_attention() -> impl Strategy<Value = AttentionCase> {
                     LongLength::Fraction(per_mille) => capacity * usize::from(per_mille) / 1000,
                 })
                 .collect();
-            let mut case = attention_template();
-            case.dtype = dtype;
-            case.n_kv_heads = n_kv_heads;
-            case.n_q_heads = n_kv_heads * ratio;
-            case.head_dim = head_dim;
-            case.n_queries = n_queries;
-            case.seq_lens = seq_lens;
-            case.capacity = capacity;
-            case.layout = layout;
-            case.pad = pad;
-            case.data.seed = seed;
-            case.data.poison = poison;
+            let mut case = AttentionShapeDraw {
+                dtype,
+                head_dim,
+                n_kv_heads,
+                ratio,
+                n_queries,
+                seq_lens,
+                capacity,
+                layout,
+                pad,
+                seed,
+                poison,
+            }
+            .into_case();
             fit_work(&mut case, LONG_MAX_WORK);
             // Bound the cache: sequences first, then halve the head dim (staying a multiple of 8).
             while cache_elements(&case) > LONG_MAX_CACHE_ELEMENTS
