@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cases;
+pub mod engine;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

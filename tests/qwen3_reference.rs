@@ -20,23 +20,15 @@
 //! gqa4-hd128-long 8.4e-7 with transformers 5.24 / torch 2.15 on x86-64; printed by
 //! `logits_match_hf_within_the_bound`); every mutant moves logits by 0.1 or more of their scale.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::golden::{FIXTURES, Golden, LogitError, corpus, f32_logit_bound, logit_error};
 use serde_json::Value;
 use vkdecode::model::{Checkpoint, WeightDtype};
 use vkdecode::reference::qwen3::{Qwen3Mutant, Qwen3Options, Qwen3Reference, Qwen3Weights};
-
-/// f32 unit roundoff.
-const U: f64 = f32::EPSILON as f64 / 2.0;
-
-/// Every fixture directory this suite expects (a new one must be added here too).
-const FIXTURES: [&str; 3] = ["untied-rmsnorm", "trained-bytes", "gqa4-hd128-long"];
-
-fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/qwen3")
-}
 
 /// One fixture: the loaded checkpoint, its f32 weights and HF's outputs.
 struct Fixture {
@@ -62,38 +54,10 @@ struct Run {
 
 impl Fixture {
     fn load(name: &'static str) -> Self {
-        let dir = corpus().join(name);
-        let read = |file: &str| {
-            std::fs::read(dir.join(file)).unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}; regenerate with `python corpus/qwen3/make_golden.py --only {name}`",
-                    dir.join(file).display()
-                )
-            })
-        };
-        let golden: Value = serde_json::from_slice(&read("golden.json")).expect("golden.json is JSON");
-        let ids = |key: &str| -> Vec<u32> {
-            golden[key]
-                .as_array()
-                .unwrap_or_else(|| panic!("{name}: golden.json lacks {key}"))
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let (prompt, generated) = (ids("prompt_ids"), ids("generated_ids"));
-
-        let bytes = read(golden["logits"]["file"].as_str().expect("logits.file"));
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("logits file is safetensors");
-        let t = st.tensor(golden["logits"]["tensor"].as_str().expect("logits.tensor")).expect("logits tensor");
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}: logits must be f32");
-        let &[rows, vocab] = t.shape() else { panic!("{name}: logits must be 2-D") };
-        assert_eq!(rows, prompt.len() + generated.len(), "{name}: one logits row per id");
-        let flat: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let logits = flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
-
+        let Golden { name, dir, golden, prompt, generated, logits } = Golden::load(name);
         let checkpoint = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let weights = checkpoint.reference_weights().unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(weights.params.vocab_size, vocab, "{name}: logits width is the vocabulary");
+        assert_eq!(weights.params.vocab_size, logits[0].len(), "{name}: logits width is the vocabulary");
         Fixture { name, checkpoint, weights, golden, prompt, generated, logits, faithful: OnceLock::new() }
     }
 
@@ -124,31 +88,13 @@ impl Fixture {
     /// The relative logit bound derived in the module docs: `10 · n_layers · √K · u`.
     fn logit_bound(&self) -> f64 {
         let p = &self.weights.params;
-        let k = [p.hidden_size, p.n_q_heads * p.head_dim, p.intermediate_size, self.logits.len()].into_iter().max();
-        10.0 * p.n_layers as f64 * (k.unwrap_or(1) as f64).sqrt() * U
+        f32_logit_bound(p.n_layers, &[p.hidden_size, p.n_q_heads * p.head_dim, p.intermediate_size, self.logits.len()])
     }
 
     /// Largest per-row error of `logits` against HF's, as a fraction of the row's scale.
     fn logit_error(&self, logits: &[Vec<f32>]) -> LogitError {
-        let mut worst = LogitError { relative: 0.0, row: 0, abs: 0.0 };
-        for (row, (ours, hf)) in logits.iter().zip(&self.logits).enumerate() {
-            let scale = hf.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
-            let abs = ours.iter().zip(hf).map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs()).fold(0.0, f64::max);
-            // NaN compares false: make it the worst possible.
-            let relative = if abs.is_nan() { f64::INFINITY } else { abs / scale };
-            if relative > worst.relative {
-                worst = LogitError { relative, row, abs };
-            }
-        }
-        worst
+        logit_error(&self.logits, logits)
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct LogitError {
-    relative: f64,
-    row: usize,
-    abs: f64,
 }
 
 /// Fixtures are loaded once per test binary and shared by the tests.

@@ -5,6 +5,11 @@
 //! it binds for `'a`, so none can be dropped or written by the host before [`Recorder::submit`]
 //! has waited for the GPU. Every command buffer ends with a barrier that makes shader and transfer
 //! writes visible to the host, so results can be read right after `submit` returns.
+//!
+//! A [`Program`] is a command buffer recorded once and replayed: [`Recorder::reusable`] records
+//! it, [`Recorder::finish`] ends it, and every [`Program::run`] submits it once and waits. It keeps
+//! the recorder's borrows, so its buffers outlive every replay; per-run inputs live in buffers
+//! that the GPU (or the host, through mapped memory, between runs) updates.
 
 use std::marker::PhantomData;
 
@@ -44,13 +49,24 @@ pub struct Recorder<'a> {
     query_pool: vk::QueryPool,
     timestamps: u32,
     counters: Counters,
+    ended: bool,
     _borrows: PhantomData<&'a Buffer>,
     // Last field: released after Drop has destroyed the pools (see Context::validation_serial).
     _serial: Option<std::sync::MutexGuard<'a, ()>>,
 }
 
 impl<'a> Recorder<'a> {
+    /// A recorder for one submission ([`Recorder::submit`]).
     pub fn new(ctx: &'a Context) -> Result<Recorder<'a>> {
+        Self::begin(ctx, vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT)
+    }
+
+    /// A recorder for a [`Program`] replayed many times ([`Recorder::finish`]).
+    pub fn reusable(ctx: &'a Context) -> Result<Recorder<'a>> {
+        Self::begin(ctx, vk::CommandBufferUsageFlags::empty())
+    }
+
+    fn begin(ctx: &'a Context, usage: vk::CommandBufferUsageFlags) -> Result<Recorder<'a>> {
         let serial = ctx.validation_enabled().then(|| ctx.validation_serial.lock().unwrap_or_else(|e| e.into_inner()));
         let device = &ctx.device;
         let pool_info = vk::CommandPoolCreateInfo::default()
@@ -67,6 +83,7 @@ impl<'a> Recorder<'a> {
             query_pool: vk::QueryPool::null(),
             timestamps: 0,
             counters: Counters::default(),
+            ended: false,
             _borrows: PhantomData,
             _serial: serial,
         };
@@ -76,7 +93,7 @@ impl<'a> Recorder<'a> {
             .command_buffer_count(1);
         // SAFETY: the pool was just created; `rec`'s Drop destroys it on failure.
         rec.cmd = unsafe { device.allocate_command_buffers(&alloc) }.ctx("vkAllocateCommandBuffers")?[0];
-        let begin = vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
+        let begin = vk::CommandBufferBeginInfo::default().flags(usage);
         // SAFETY: a fresh primary command buffer.
         unsafe { device.begin_command_buffer(rec.cmd, &begin) }.ctx("vkBeginCommandBuffer")?;
         Ok(rec)
@@ -196,6 +213,34 @@ impl<'a> Recorder<'a> {
         Ok(())
     }
 
+    /// Copies `size` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
+    pub fn copy_region(
+        &mut self,
+        src: &'a Buffer,
+        src_offset: u64,
+        dst: &'a Buffer,
+        dst_offset: u64,
+        size: u64,
+    ) -> Result<()> {
+        for (b, offset) in [(src, src_offset), (dst, dst_offset)] {
+            if offset.checked_add(size).is_none_or(|end| end > b.size()) {
+                return Err(GpuError::HostAccess {
+                    name: b.name().to_string(),
+                    size: b.size(),
+                    requested: offset.saturating_add(size),
+                });
+            }
+        }
+        if size == 0 {
+            return Ok(());
+        }
+        let region = vk::BufferCopy::default().src_offset(src_offset).dst_offset(dst_offset).size(size);
+        // SAFETY: both buffers are alive for 'a and the region fits both (checked above).
+        unsafe { self.ctx.device.cmd_copy_buffer(self.cmd, src.raw, dst.raw, &[region]) };
+        self.counters.copies += 1;
+        Ok(())
+    }
+
     /// Writes a GPU timestamp once every earlier command has completed; returns its index.
     pub fn timestamp(&mut self) -> Result<u32> {
         if self.ctx.info().timestamp_valid_bits == 0 {
@@ -234,12 +279,24 @@ impl<'a> Recorder<'a> {
     }
 
     /// Ends recording, submits, waits for completion and reads the timestamps.
-    pub fn submit(self) -> Result<Completed> {
+    pub fn submit(mut self) -> Result<Completed> {
+        self.end()?;
+        self.run()
+    }
+
+    /// Ends recording: the command buffer becomes a [`Program`] that can be run many times.
+    pub fn finish(mut self) -> Result<Program<'a>> {
+        self.end()?;
+        Ok(Program { rec: self })
+    }
+
+    fn end(&mut self) -> Result<()> {
         let device = &self.ctx.device;
         let to_host = vk::MemoryBarrier::default()
             .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
             .dst_access_mask(vk::AccessFlags::HOST_READ);
-        // SAFETY: recording state; then the buffer is ended once and submitted once.
+        // SAFETY: recording state (`ended` is false: both callers consume the recorder); then the
+        // buffer is ended once.
         unsafe {
             device.cmd_pipeline_barrier(
                 self.cmd,
@@ -252,6 +309,14 @@ impl<'a> Recorder<'a> {
             );
             device.end_command_buffer(self.cmd).ctx("vkEndCommandBuffer")?;
         }
+        self.ended = true;
+        Ok(())
+    }
+
+    /// Submits the ended command buffer, waits, and reads the timestamps it wrote.
+    fn run(&self) -> Result<Completed> {
+        debug_assert!(self.ended);
+        let device = &self.ctx.device;
         self.ctx.submit_and_wait(self.cmd)?;
         let mut timestamps_ns = Vec::new();
         if self.timestamps > 0 {
@@ -311,6 +376,24 @@ impl<'a> Recorder<'a> {
             // SAFETY: paired with begin_label in the same command buffer.
             unsafe { debug.cmd_end_debug_utils_label(self.cmd) };
         }
+    }
+}
+
+/// A recorded command buffer, replayed by [`Program::run`]: one queue submit and one host wait
+/// per run, no re-recording. Made by [`Recorder::reusable`] + [`Recorder::finish`].
+pub struct Program<'a> {
+    rec: Recorder<'a>,
+}
+
+impl Program<'_> {
+    /// Submits the program once and waits for it; timestamps are those of this run.
+    pub fn run(&mut self) -> Result<Completed> {
+        self.rec.run()
+    }
+
+    /// What one run records (the same every run).
+    pub fn counters(&self) -> Counters {
+        self.rec.counters
     }
 }
 

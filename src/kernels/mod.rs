@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod kv_append;
+pub mod layers;
 
 pub use vkdecode_reference::{CacheLayout, Dtype};
 

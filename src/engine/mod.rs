@@ -1,0 +1,475 @@
+//! The Qwen3 decode engine: a whole decode step on the GPU, recorded once and replayed per token.
+//!
+//! One step is: embedding row → per layer [RMSNorm → q/k/v projections → q/k-norm + RoPE →
+//! decode attention with the new K/V appended in the same dispatch (the fused hot-path kernel) →
+//! output projection added to the residual → RMSNorm → gate/up → SwiGLU → down projection added
+//! to the residual] → final norm → LM head → argmax. The step's position and input token live in
+//! a small state buffer (`[seq_len, token, prompt_len, sampled]`) that the argmax kernel advances,
+//! feeding the next prompt token while the prompt lasts and the sampled token after; so a token
+//! costs one queue submit and one host wait, no copies, and the only host read is the sampled id.
+//!
+//! Weights stay in their stored type ([`weights`]); activations and sums are f32; the KV cache
+//! is f32, f16 or bf16. [`Generation`] reports the per-token counters the tests assert.
+
+pub mod trace;
+pub mod weights;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
+use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams};
+use crate::kernels::layers::{self, LayerMutant, QkRopeShape};
+use crate::kernels::{CacheLayout, Dtype, KernelError};
+use crate::model::{Checkpoint, ModelError, Qwen3Config};
+use crate::reference::qwen3::rope_inv_freq;
+
+pub use trace::TraceEvent;
+pub use weights::GpuWeights;
+
+/// Why the engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("{0}")]
+    Input(String),
+}
+
+impl From<crate::kernels::ParamError> for EngineError {
+    fn from(e: crate::kernels::ParamError) -> Self {
+        EngineError::Kernel(e.into())
+    }
+}
+
+/// A deliberate bug of the engine, for the token-match suite's mutants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineMutant {
+    InterleavedRope,
+    SkipQkNorm,
+    NormWeightIgnored,
+    /// K/V head of query head h is h mod n_kv_heads instead of h / ratio.
+    GqaModulo,
+}
+
+impl EngineMutant {
+    pub const ALL: [EngineMutant; 4] = [
+        EngineMutant::InterleavedRope,
+        EngineMutant::SkipQkNorm,
+        EngineMutant::NormWeightIgnored,
+        EngineMutant::GqaModulo,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineMutant::InterleavedRope => "interleaved_rope",
+            EngineMutant::SkipQkNorm => "skip_qk_norm",
+            EngineMutant::NormWeightIgnored => "norm_weight_ignored",
+            EngineMutant::GqaModulo => "gqa_modulo",
+        }
+    }
+
+    fn layer(self) -> Option<LayerMutant> {
+        match self {
+            EngineMutant::InterleavedRope => Some(LayerMutant::InterleavedRope),
+            EngineMutant::SkipQkNorm => Some(LayerMutant::SkipQkNorm),
+            EngineMutant::NormWeightIgnored => Some(LayerMutant::NormWeightIgnored),
+            EngineMutant::GqaModulo => None,
+        }
+    }
+}
+
+/// How a generation runs.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Element type of the KV cache.
+    pub kv_dtype: Dtype,
+    /// Read every step's logits back (tests; the hot path never reads them).
+    pub keep_logits: bool,
+    /// Write GPU timestamps around every dispatch (for `--trace`).
+    pub trace: bool,
+    pub mutant: Option<EngineMutant>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { kv_dtype: Dtype::F32, keep_logits: false, trace: false, mutant: None }
+    }
+}
+
+/// What one decode step (one token) costs in API calls; the same for every step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepCounters {
+    pub submits: u32,
+    pub dispatches: u32,
+    pub barriers: u32,
+    pub copies: u32,
+    pub host_waits: u32,
+    /// Bytes the host reads back (the sampled id; plus the logits with `keep_logits`).
+    pub host_read_bytes: u64,
+}
+
+/// The result of [`Engine::generate`].
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    /// With `keep_logits`: the logits after each step (row t predicts the token after position t).
+    pub logits: Vec<Vec<f32>>,
+    pub counters: StepCounters,
+    /// Wall time of each step (submit to sampled id on the host), in seconds.
+    pub step_seconds: Vec<f64>,
+    /// With `trace`: one event per dispatch of every step.
+    pub trace: Vec<TraceEvent>,
+}
+
+impl Generation {
+    /// Decode rate over the steps that produced new tokens (the prompt steps excluded unless the
+    /// prompt is a single token).
+    pub fn tokens_per_second(&self) -> f64 {
+        let skip = self.prompt_ids.len().saturating_sub(1).min(self.step_seconds.len().saturating_sub(1));
+        let steps = &self.step_seconds[skip..];
+        let seconds: f64 = steps.iter().sum();
+        if seconds > 0.0 { steps.len() as f64 / seconds } else { 0.0 }
+    }
+}
+
+/// A model on a device, ready to generate.
+pub struct Engine {
+    ctx: Arc<Context>,
+    config: Qwen3Config,
+    weights: GpuWeights,
+}
+
+impl Engine {
+    /// Uploads `checkpoint`'s weights; `progress(done, total)` reports bytes.
+    pub fn from_checkpoint(
+        ctx: &Arc<Context>,
+        checkpoint: &Checkpoint,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Engine, EngineError> {
+        let weights = GpuWeights::upload(ctx, checkpoint, progress)?;
+        Engine::new(ctx, checkpoint.config().clone(), weights)
+    }
+
+    /// Random weights of `config`'s shapes, generated on the GPU (benchmarks).
+    pub fn random(ctx: &Arc<Context>, config: Qwen3Config, dtype: Dtype, seed: u32) -> Result<Engine, EngineError> {
+        let weights = GpuWeights::random(ctx, &config, dtype, seed)?;
+        Engine::new(ctx, config, weights)
+    }
+
+    fn new(ctx: &Arc<Context>, config: Qwen3Config, weights: GpuWeights) -> Result<Engine, EngineError> {
+        layers::check_device(ctx, weights.any_16bit())?;
+        Ok(Engine { ctx: ctx.clone(), config, weights })
+    }
+
+    pub fn config(&self) -> &Qwen3Config {
+        &self.config
+    }
+
+    pub fn weights(&self) -> &GpuWeights {
+        &self.weights
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Runs `prompt` then greedily generates `max_new_tokens` tokens (the prompt is fed one token
+    /// per step). `on_token` sees each generated id as soon as the host has it.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation, EngineError> {
+        let c = &self.config;
+        if prompt.is_empty() {
+            return Err(EngineError::Input("the prompt is empty; give at least one token".into()));
+        }
+        if let Some((i, &id)) = prompt.iter().enumerate().find(|&(_, &id)| id as usize >= c.vocab_size) {
+            return Err(EngineError::Input(format!(
+                "prompt token {i} is {id}, outside the vocabulary of {} ids",
+                c.vocab_size
+            )));
+        }
+        let steps = prompt.len() - 1 + max_new_tokens.max(1);
+        if steps > c.max_position_embeddings {
+            return Err(EngineError::Input(format!(
+                "the prompt ({} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's \
+                 max_position_embeddings ({})",
+                prompt.len(),
+                c.max_position_embeddings
+            )));
+        }
+        let scratch = Scratch::new(self, prompt, steps, options)?;
+        let mut rec = Recorder::reusable(&self.ctx)?;
+        let labels = record_step(&mut rec, self, &scratch, options)?;
+        let mut program = rec.finish()?;
+        let recorded = program.counters();
+
+        let mut out = Generation {
+            prompt_ids: prompt.to_vec(),
+            counters: StepCounters {
+                submits: 1,
+                dispatches: recorded.dispatches,
+                barriers: recorded.barriers,
+                copies: recorded.copies,
+                host_waits: 1,
+                host_read_bytes: 4 + if options.keep_logits { 4 * c.vocab_size as u64 } else { 0 },
+            },
+            ..Generation::default()
+        };
+        let mut gpu_clock = 0.0;
+        for step in 0..steps {
+            let start = Instant::now();
+            let completed = program.run()?;
+            let sampled = scratch.sampled()?;
+            out.step_seconds.push(start.elapsed().as_secs_f64());
+            if options.keep_logits {
+                out.logits.push(scratch.logits()?);
+            }
+            if options.trace {
+                gpu_clock = trace::push_step(&mut out.trace, &labels, &completed.timestamps_ns, step, gpu_clock);
+            }
+            if step + 1 >= prompt.len() {
+                out.generated_ids.push(sampled);
+                on_token(sampled);
+            }
+        }
+        out.generated_ids.truncate(max_new_tokens);
+        Ok(out)
+    }
+
+    /// Logits after each of `ids` (row t predicts token t + 1 from `ids[0..=t]`).
+    pub fn teacher_forced_logits(&self, ids: &[u32], options: &GenerateOptions) -> Result<Vec<Vec<f32>>, EngineError> {
+        let options = GenerateOptions { keep_logits: true, ..options.clone() };
+        Ok(self.generate(ids, 1, &options, |_| {})?.logits)
+    }
+}
+
+/// The per-generation buffers: decode state, prompt, RoPE table, activations, KV cache.
+struct Scratch {
+    capacity: usize,
+    state: Buffer,
+    prompt: Buffer,
+    rope: Buffer,
+    x: Buffer,
+    h: Buffer,
+    q: Buffer,
+    k: Buffer,
+    v: Buffer,
+    attn: Buffer,
+    gate: Buffer,
+    up: Buffer,
+    logits: Buffer,
+    argmax_partial: Buffer,
+    partial_o: Buffer,
+    partial_ml: Buffer,
+    k_cache: Vec<Buffer>,
+    v_cache: Vec<Buffer>,
+    attention: AttentionParams,
+}
+
+impl Scratch {
+    fn new(
+        engine: &Engine,
+        prompt: &[u32],
+        capacity: usize,
+        options: &GenerateOptions,
+    ) -> Result<Scratch, EngineError> {
+        let ctx = &engine.ctx;
+        let c = &engine.config;
+        let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let f32_buffer = |name: &str, n: usize| Buffer::new(ctx, name, 4 * n as u64, Location::Device);
+
+        let attention = AttentionParams {
+            n_seqs: 1,
+            n_queries: 1,
+            n_q_heads: hq,
+            n_kv_heads: hkv,
+            head_dim: d,
+            dtype: options.kv_dtype,
+            layout: CacheLayout::token_major(1, hkv, capacity, d, 0),
+            scale: (d as f32).powf(-0.5),
+            split_chunk: None,
+            window: None,
+            softcap: None,
+            sinks: false,
+            fused: true,
+        };
+        attention.validate(ctx)?;
+        let cache_bytes = (attention.layout.min_elements() * options.kv_dtype.size()) as u64;
+        let cache = |kind: &str| -> Result<Vec<Buffer>, GpuError> {
+            (0..c.num_hidden_layers)
+                .map(|l| Buffer::new(ctx, &format!("{kind}_cache.{l}"), cache_bytes, Location::Device))
+                .collect()
+        };
+
+        let state_words = [1, prompt[0], prompt.len() as u32, 0];
+        let state = Buffer::with_bytes(ctx, "state", &crate::kernels::words(&state_words), Location::Upload)?;
+        let mut prompt_words = prompt.to_vec();
+        prompt_words.resize(capacity, 0);
+        let prompt_buffer = Buffer::with_bytes(ctx, "prompt", &crate::kernels::words(&prompt_words), Location::Upload)?;
+        let rope = Buffer::with_bytes(ctx, "rope", &rope_table(c.rope_theta, d, capacity), Location::Upload)?;
+        let logits_location = if options.keep_logits { Location::Readback } else { Location::Device };
+        Ok(Scratch {
+            capacity,
+            state,
+            prompt: prompt_buffer,
+            rope,
+            x: f32_buffer("x", c.hidden_size)?,
+            h: f32_buffer("h", c.hidden_size)?,
+            q: f32_buffer("q", hq * d)?,
+            k: f32_buffer("k", hkv * d)?,
+            v: f32_buffer("v", hkv * d)?,
+            attn: f32_buffer("attn", hq * d)?,
+            gate: f32_buffer("gate", c.intermediate_size)?,
+            up: f32_buffer("up", c.intermediate_size)?,
+            logits: Buffer::new(ctx, "logits", 4 * c.vocab_size as u64, logits_location)?,
+            argmax_partial: Buffer::new(
+                ctx,
+                "argmax.partial",
+                layers::argmax_partial_bytes(c.vocab_size),
+                Location::Device,
+            )?,
+            partial_o: Buffer::new(ctx, "attention.partial_o", attention.partial_o_bytes(), Location::Device)?,
+            partial_ml: Buffer::new(ctx, "attention.partial_ml", attention.partial_ml_bytes(), Location::Device)?,
+            k_cache: cache("k")?,
+            v_cache: cache("v")?,
+            attention,
+        })
+    }
+
+    fn sampled(&self) -> Result<u32, GpuError> {
+        let bytes = self.state.read()?;
+        Ok(u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")))
+    }
+
+    fn logits(&self) -> Result<Vec<f32>, GpuError> {
+        Ok(self.logits.read()?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+    }
+}
+
+/// HF's RoPE factors per (position, i < head_dim/2) as (cos, sin) f32 pairs: the angle is the
+/// f32 product pos·inv_freq[i] (as HF computes it), its cosine and sine rounded once from f64.
+fn rope_table(theta: f64, head_dim: usize, capacity: usize) -> Vec<u8> {
+    let inv_freq = rope_inv_freq(theta, head_dim);
+    let mut out = Vec::with_capacity(capacity * head_dim * 4);
+    for pos in 0..capacity {
+        for &f in &inv_freq {
+            let angle = f64::from(pos as f32 * f);
+            out.extend_from_slice(&(angle.cos() as f32).to_le_bytes());
+            out.extend_from_slice(&(angle.sin() as f32).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Records one decode step; returns the label of each timestamped interval (with `trace`).
+fn record_step<'a>(
+    rec: &mut Recorder<'a>,
+    engine: &'a Engine,
+    s: &'a Scratch,
+    options: &GenerateOptions,
+) -> Result<Vec<String>, EngineError> {
+    let ctx = &*engine.ctx;
+    let c = &engine.config;
+    let w = &engine.weights;
+    let eps = c.rms_norm_eps as f32;
+    let layer_mutant = options.mutant.and_then(EngineMutant::layer);
+    let attention_mutant = (options.mutant == Some(EngineMutant::GqaModulo)).then_some(AttentionMutant::GqaModulo);
+    let mut labels = Vec::new();
+    // A timestamp after each stage (with `trace`), naming the interval it closes.
+    let mut mark = |rec: &mut Recorder<'a>, label: String| -> Result<(), EngineError> {
+        if options.trace {
+            rec.timestamp()?;
+            labels.push(label);
+        }
+        Ok(())
+    };
+    if options.trace {
+        rec.timestamp()?;
+    }
+
+    layers::embed(rec, ctx, &s.state, w.embed_tokens.matrix(), &s.x)?;
+    mark(rec, "embed".into())?;
+    rec.barrier();
+    for (l, layer) in w.layers.iter().enumerate() {
+        layers::rmsnorm(rec, ctx, &s.x, layer.input_layernorm.vector(), &s.h, eps, layer_mutant, "input_layernorm")?;
+        mark(rec, format!("L{l}.input_layernorm"))?;
+        rec.barrier();
+        layers::matvec(rec, ctx, layer.q_proj.matrix(), &s.h, &s.q, false, "q_proj")?;
+        layers::matvec(rec, ctx, layer.k_proj.matrix(), &s.h, &s.k, false, "k_proj")?;
+        layers::matvec(rec, ctx, layer.v_proj.matrix(), &s.h, &s.v, false, "v_proj")?;
+        mark(rec, format!("L{l}.qkv_proj"))?;
+        rec.barrier();
+        let shape = QkRopeShape {
+            n_q_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            capacity: s.capacity,
+            eps,
+        };
+        layers::qk_norm_rope(
+            rec,
+            ctx,
+            shape,
+            &s.state,
+            &s.q,
+            &s.k,
+            layer.q_norm.vector(),
+            layer.k_norm.vector(),
+            &s.rope,
+            layer_mutant,
+        )?;
+        mark(rec, format!("L{l}.qk_norm_rope"))?;
+        rec.barrier();
+        let bufs = AttentionBuffers {
+            q: &s.q,
+            seq_lens: &s.state,
+            k_cache: &s.k_cache[l],
+            v_cache: &s.v_cache[l],
+            out: &s.attn,
+            partial_o: &s.partial_o,
+            partial_ml: &s.partial_ml,
+            sinks: None,
+            new_k: Some(&s.k),
+            new_v: Some(&s.v),
+        };
+        attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;
+        mark(rec, format!("L{l}.attention"))?;
+        rec.barrier();
+        layers::matvec(rec, ctx, layer.o_proj.matrix(), &s.attn, &s.x, true, "o_proj")?;
+        mark(rec, format!("L{l}.o_proj"))?;
+        rec.barrier();
+        let norm = layer.post_attention_layernorm.vector();
+        layers::rmsnorm(rec, ctx, &s.x, norm, &s.h, eps, layer_mutant, "post_attention_layernorm")?;
+        mark(rec, format!("L{l}.post_attention_layernorm"))?;
+        rec.barrier();
+        layers::matvec(rec, ctx, layer.gate_proj.matrix(), &s.h, &s.gate, false, "gate_proj")?;
+        layers::matvec(rec, ctx, layer.up_proj.matrix(), &s.h, &s.up, false, "up_proj")?;
+        mark(rec, format!("L{l}.gate_up_proj"))?;
+        rec.barrier();
+        layers::swiglu(rec, ctx, &s.gate, &s.up, c.intermediate_size)?;
+        mark(rec, format!("L{l}.swiglu"))?;
+        rec.barrier();
+        layers::matvec(rec, ctx, layer.down_proj.matrix(), &s.gate, &s.x, true, "down_proj")?;
+        mark(rec, format!("L{l}.down_proj"))?;
+        rec.barrier();
+    }
+    layers::rmsnorm(rec, ctx, &s.x, w.norm.vector(), &s.h, eps, layer_mutant, "norm")?;
+    mark(rec, "norm".into())?;
+    rec.barrier();
+    layers::matvec(rec, ctx, w.lm_head().matrix(), &s.h, &s.logits, false, "lm_head")?;
+    mark(rec, "lm_head".into())?;
+    rec.barrier();
+    layers::argmax_advance(rec, ctx, &s.logits, c.vocab_size, &s.argmax_partial, &s.state, &s.prompt, s.capacity)?;
+    mark(rec, "argmax".into())?;
+    Ok(labels)
+}

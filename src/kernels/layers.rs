@@ -1,0 +1,314 @@
+//! The layer kernels of the Qwen3 decode engine: embedding row, RMSNorm, matvec, q/k-norm + RoPE,
+//! SwiGLU, GPU argmax with the decode-state update, and random weight fill.
+//!
+//! Weights are read in their stored type (the shader variant), activations are f32. Every
+//! function checks its shapes against the buffers it is given before recording, so a wrong size
+//! is a [`ParamError`] naming the operand, never an out-of-bounds access on the GPU.
+
+use crate::gpu::{Buffer, Context, PipelineDesc, Recorder, Shader};
+use crate::shaders;
+
+use super::{Dtype, KernelError, ParamError, grid_2d, invalid, words};
+
+/// Invocations per workgroup of the matvec, norm, embed, swiglu and fill shaders.
+const WG: u64 = 256;
+/// The largest `rows_per_wg` the matvec shader takes.
+const MATVEC_MAX_ROWS: u64 = 8;
+/// Logits per workgroup of the argmax's first pass (argmax.comp BLOCK).
+pub const ARGMAX_BLOCK: usize = 4096;
+/// Words of the decode state buffer: `[seq_len, token, prompt_len, sampled]`.
+pub const STATE_WORDS: usize = 4;
+
+/// A deliberate bug of the engine's kernels (mutants of the token-match suite). The wrong GQA map
+/// lives in the attention kernel ([`super::attention::AttentionMutant::GqaModulo`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerMutant {
+    /// RoPE rotates neighbouring pairs (GPT-J style) instead of halves.
+    InterleavedRope = 1,
+    /// q/k-norm left out.
+    SkipQkNorm = 2,
+    /// RMSNorm multiplies by 1 instead of its weight.
+    NormWeightIgnored = 4,
+}
+
+/// A weight matrix `[rows][cols]` in its stored type.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub buffer: &'a Buffer,
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A weight vector `[len]` in its stored type.
+#[derive(Clone, Copy)]
+pub struct Vector<'a> {
+    pub buffer: &'a Buffer,
+    pub dtype: Dtype,
+    pub len: usize,
+}
+
+fn check_size(name: &'static str, buffer: &Buffer, elements: usize, element_bytes: usize) -> Result<(), ParamError> {
+    let need = elements as u64 * element_bytes as u64;
+    if buffer.size() < need {
+        return Err(invalid(name, format!("buffer `{}` holds {} bytes; {need} needed", buffer.name(), buffer.size())));
+    }
+    if elements > u32::MAX as usize {
+        return Err(invalid(name, format!("{elements} elements exceed 32-bit indexing")));
+    }
+    Ok(())
+}
+
+fn variant(dtype: Dtype, f32: &'static Shader, f16: &'static Shader, bf16: &'static Shader) -> &'static Shader {
+    match dtype {
+        Dtype::F32 => f32,
+        Dtype::F16 => f16,
+        Dtype::Bf16 => bf16,
+    }
+}
+
+fn spec_mutant(mutant: Option<LayerMutant>) -> [(u32, u32); 1] {
+    [(0, mutant.map_or(0, |m| m as u32))]
+}
+
+/// Rows per matvec workgroup: enough that each invocation loads at least two 16-byte chunks.
+fn matvec_rows_per_wg(cols: usize, dtype: Dtype) -> u64 {
+    let chunks = (cols * dtype.size()).div_ceil(16) as u64;
+    (2 * WG / chunks.max(1)).clamp(1, MATVEC_MAX_ROWS)
+}
+
+/// `y = W·x`, or `y += W·x` with `accumulate` (the residual stream). x: f32 `[cols]`, y: f32 `[rows]`.
+pub fn matvec<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    w: Matrix<'a>,
+    x: &'a Buffer,
+    y: &'a Buffer,
+    accumulate: bool,
+    label: &str,
+) -> Result<(), KernelError> {
+    if w.rows == 0 || w.cols == 0 {
+        return Err(invalid("w", format!("a {}×{} matrix is empty", w.rows, w.cols)).into());
+    }
+    check_size("w", w.buffer, w.rows * w.cols, w.dtype.size())?;
+    check_size("x", x, w.cols, 4)?;
+    check_size("y", y, w.rows, 4)?;
+    let vec = (w.cols * w.dtype.size()).is_multiple_of(16);
+    let rows_per_wg = matvec_rows_per_wg(w.cols, w.dtype);
+    let shader = variant(w.dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 16, spec: &[] })?;
+    let flags = u32::from(accumulate) | (u32::from(vec) << 1);
+    let push = words(&[w.rows as u32, w.cols as u32, rows_per_wg as u32, flags]);
+    let (gx, gy) = grid_2d((w.rows as u64).div_ceil(rows_per_wg), u64::from(ctx.info().max_workgroup_count[0]));
+    rec.dispatch(&pipeline, &[w.buffer, x, y], &push, [gx as u32, gy as u32, 1], label)?;
+    Ok(())
+}
+
+/// RMSNorm of `rows` f32 vectors of `weight.len` values: `out = x·rsqrt(mean(x²)+eps)·weight`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    x: &'a Buffer,
+    weight: Vector<'a>,
+    out: &'a Buffer,
+    eps: f32,
+    mutant: Option<LayerMutant>,
+    label: &str,
+) -> Result<(), KernelError> {
+    let n = weight.len;
+    if n == 0 {
+        return Err(invalid("weight", "an RMSNorm over 0 values").into());
+    }
+    check_size("weight", weight.buffer, n, weight.dtype.size())?;
+    check_size("x", x, n, 4)?;
+    check_size("out", out, n, 4)?;
+    let shader = variant(weight.dtype, &shaders::RMSNORM_F32, &shaders::RMSNORM_F16, &shaders::RMSNORM_BF16);
+    let spec = spec_mutant(mutant);
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 12, spec: &spec })?;
+    let push = words(&[n as u32, 1, eps.to_bits()]);
+    rec.dispatch(&pipeline, &[x, weight.buffer, out], &push, [1, 1, 1], label)?;
+    Ok(())
+}
+
+/// Shapes of the q/k-norm + RoPE step.
+#[derive(Clone, Copy, Debug)]
+pub struct QkRopeShape {
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions in the `rope` table (`[capacity][head_dim/2]` pairs of f32 cos, sin).
+    pub capacity: usize,
+    pub eps: f32,
+}
+
+/// In place on q (`[n_q_heads][head_dim]`) and k (`[n_kv_heads][head_dim]`): per-head RMSNorm
+/// with the shared norm weights, then RoPE at position `state[0] − 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    shape: QkRopeShape,
+    state: &'a Buffer,
+    q: &'a Buffer,
+    k: &'a Buffer,
+    q_norm: Vector<'a>,
+    k_norm: Vector<'a>,
+    rope: &'a Buffer,
+    mutant: Option<LayerMutant>,
+) -> Result<(), KernelError> {
+    let d = shape.head_dim;
+    if d == 0 || !d.is_multiple_of(2) || d > 256 {
+        return Err(invalid("head_dim", format!("{d} is not an even number in 2..=256")).into());
+    }
+    if q_norm.len != d || k_norm.len != d {
+        return Err(invalid(
+            "q_norm",
+            format!("norm weights of {} and {} values; {d} expected", q_norm.len, k_norm.len),
+        )
+        .into());
+    }
+    if q_norm.dtype != k_norm.dtype {
+        return Err(invalid("k_norm", "q_norm and k_norm must share an element type").into());
+    }
+    if shape.capacity == 0 {
+        return Err(invalid("capacity", "the RoPE table has no positions").into());
+    }
+    check_size("state", state, STATE_WORDS, 4)?;
+    check_size("q", q, shape.n_q_heads * d, 4)?;
+    check_size("k", k, shape.n_kv_heads * d, 4)?;
+    check_size("q_norm", q_norm.buffer, d, q_norm.dtype.size())?;
+    check_size("k_norm", k_norm.buffer, d, k_norm.dtype.size())?;
+    check_size("rope", rope, shape.capacity * d, 4)?;
+    let shader =
+        variant(q_norm.dtype, &shaders::QK_NORM_ROPE_F32, &shaders::QK_NORM_ROPE_F16, &shaders::QK_NORM_ROPE_BF16);
+    let spec = spec_mutant(mutant);
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 6, push_constant_bytes: 20, spec: &spec })?;
+    let push =
+        words(&[shape.n_q_heads as u32, shape.n_kv_heads as u32, d as u32, shape.capacity as u32, shape.eps.to_bits()]);
+    let rows = (shape.n_q_heads + shape.n_kv_heads) as u32;
+    let buffers = [state, q, k, q_norm.buffer, k_norm.buffer, rope];
+    rec.dispatch(&pipeline, &buffers, &push, [rows, 1, 1], "qk_norm_rope")?;
+    Ok(())
+}
+
+/// `x = table[state[1]]` widened to f32; table is `[vocab][hidden]`.
+pub fn embed<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    state: &'a Buffer,
+    table: Matrix<'a>,
+    x: &'a Buffer,
+) -> Result<(), KernelError> {
+    check_size("state", state, STATE_WORDS, 4)?;
+    check_size("embed_tokens", table.buffer, table.rows * table.cols, table.dtype.size())?;
+    check_size("x", x, table.cols, 4)?;
+    let shader = variant(table.dtype, &shaders::EMBED_F32, &shaders::EMBED_F16, &shaders::EMBED_BF16);
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 8, spec: &[] })?;
+    let push = words(&[table.cols as u32, table.rows as u32]);
+    let groups = (table.cols as u64).div_ceil(WG) as u32;
+    rec.dispatch(&pipeline, &[state, table.buffer, x], &push, [groups, 1, 1], "embed")?;
+    Ok(())
+}
+
+/// In place: `gate[i] = silu(gate[i])·up[i]` for `n` f32 values.
+pub fn swiglu<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    gate: &'a Buffer,
+    up: &'a Buffer,
+    n: usize,
+) -> Result<(), KernelError> {
+    check_size("gate", gate, n, 4)?;
+    check_size("up", up, n, 4)?;
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::SWIGLU, bindings: 2, push_constant_bytes: 4, spec: &[] })?;
+    let groups = (n as u64).div_ceil(WG) as u32;
+    rec.dispatch(&pipeline, &[gate, up], &words(&[n as u32]), [groups, 1, 1], "swiglu")?;
+    Ok(())
+}
+
+/// Bytes of the argmax's partial buffer for `n` logits.
+pub fn argmax_partial_bytes(n: usize) -> u64 {
+    (n.div_ceil(ARGMAX_BLOCK) * 8) as u64
+}
+
+/// Greedy sampling of `n` f32 logits and the state update for the next step: two dispatches with
+/// a barrier between. `prompt` holds `prompt_entries` u32 token ids.
+#[allow(clippy::too_many_arguments)]
+pub fn argmax_advance<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    logits: &'a Buffer,
+    n: usize,
+    partial: &'a Buffer,
+    state: &'a Buffer,
+    prompt: &'a Buffer,
+    prompt_entries: usize,
+) -> Result<(), KernelError> {
+    if n == 0 {
+        return Err(invalid("logits", "argmax of no values").into());
+    }
+    check_size("logits", logits, n, 4)?;
+    if partial.size() < argmax_partial_bytes(n) {
+        return Err(invalid("partial", format!("{} bytes; {} needed", partial.size(), argmax_partial_bytes(n))).into());
+    }
+    check_size("state", state, STATE_WORDS, 4)?;
+    check_size("prompt", prompt, prompt_entries, 4)?;
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::ARGMAX, bindings: 4, push_constant_bytes: 12, spec: &[] })?;
+    let blocks = n.div_ceil(ARGMAX_BLOCK);
+    if blocks as u64 > u64::from(ctx.info().max_workgroup_count[0]) {
+        return Err(invalid("logits", format!("{n} logits need more workgroups than the device has")).into());
+    }
+    let buffers = [logits, partial, state, prompt];
+    let push = words(&[n as u32, 0, prompt_entries as u32]);
+    rec.dispatch(&pipeline, &buffers, &push, [blocks as u32, 1, 1], "argmax.blocks")?;
+    rec.barrier();
+    let push = words(&[blocks as u32, 1, prompt_entries as u32]);
+    rec.dispatch(&pipeline, &buffers, &push, [1, 1, 1], "argmax.final")?;
+    Ok(())
+}
+
+/// Fills `elements` values of `w` with `offset + scale·u`, u uniform in [-1, 1) from (seed, index).
+#[allow(clippy::too_many_arguments)]
+pub fn fill<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    w: &'a Buffer,
+    dtype: Dtype,
+    elements: usize,
+    seed: u32,
+    scale: f32,
+    offset: f32,
+) -> Result<(), KernelError> {
+    check_size("w", w, elements, dtype.size())?;
+    if elements == 0 {
+        return Ok(());
+    }
+    let shader = variant(dtype, &shaders::FILL_F32, &shaders::FILL_F16, &shaders::FILL_BF16);
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 1, push_constant_bytes: 16, spec: &[] })?;
+    let push = words(&[elements as u32, seed, scale.to_bits(), offset.to_bits()]);
+    let (gx, gy) = grid_2d((elements as u64).div_ceil(WG), u64::from(ctx.info().max_workgroup_count[0]));
+    rec.dispatch(&pipeline, &[w], &push, [gx as u32, gy as u32, 1], "fill")?;
+    Ok(())
+}
+
+/// Whether the device can run these kernels: subgroup arithmetic, subgroups of at least 4 (the
+/// shaders' shared reduction arrays), and 16-bit storage for f16/bf16 weights.
+pub fn check_device(ctx: &Context, weights_16bit: bool) -> Result<(), ParamError> {
+    let info = ctx.info();
+    if !info.subgroup_arithmetic || info.subgroup_size < 4 {
+        return Err(invalid(
+            "device",
+            format!(
+                "{} lacks subgroup arithmetic with subgroups of 4 or more (size {})",
+                info.name, info.subgroup_size
+            ),
+        ));
+    }
+    if weights_16bit && !info.storage_buffer_16bit {
+        return Err(invalid("device", format!("{} lacks 16-bit storage buffers for f16/bf16 weights", info.name)));
+    }
+    Ok(())
+}
