@@ -7,20 +7,20 @@
 // y = W·x (+ y with FLAG_ACCUMULATE): W is [rows][cols] in its stored type (the variant), x and y
 // are f32, products are summed in f32. One workgroup per block of rows_per_wg rows; its
 // invocations stride over the columns (16-byte loads when rows are 16-byte aligned, FLAG_VEC),
-// so each weight byte is read once and x is read once per block. Per-row partial sums are
+// so each weight byte is read once and x is read once per block. The workgroup size is a
+// specialization constant: narrow rows get narrow workgroups, so few invocations idle. Per-row partial sums are
 // reduced with subgroupAdd, then across subgroups in shared memory. Every output element is
 // written by exactly one invocation, so accumulating into the residual stream needs no atomics.
 // Bindings and push constants mirror src/engine/kernels.rs.
 
 #include "kv_types.glsl"   // KV_T / kv_load: the weight element type (same encodings as the cache)
 
-const uint WG = 256;
+layout(local_size_x_id = 1) in;
+layout(constant_id = 1) const uint WG = 256;   // a power of two in 32..=256, picked by the host
 const uint MAX_ROWS = 8;           // rows per workgroup (host picks 1..=8)
-const uint MAX_SUBGROUPS = 64;     // WG / the smallest subgroup size we accept (4)
+const uint MAX_SUBGROUPS = 64;     // 256 / the smallest subgroup size we accept (4)
 const uint FLAG_ACCUMULATE = 1u;
 const uint FLAG_VEC = 2u;
-
-layout(local_size_x = 256) in;
 
 layout(set = 0, binding = 0) readonly buffer Weights { KV_T w[]; };
 layout(set = 0, binding = 0) readonly buffer Weights4 { uvec4 w4[]; };

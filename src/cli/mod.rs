@@ -1,4 +1,4 @@
-//! Command-line front end (clap derive): `devices`, `check`, `replay`.
+//! Command-line front end (clap derive): `devices`, `check`, `replay`, `bench`, `generate`.
 //!
 //! Exit codes are part of the interface (CI parses them): 0 when every case gave what it expects,
 //! 1 when any case failed or passed unexpectedly, 2 for everything that kept the run from being a
@@ -10,6 +10,7 @@ mod bench;
 mod check;
 mod devices;
 mod dump;
+mod generate;
 mod replay;
 mod report;
 mod table;
@@ -67,6 +68,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// GPU-timestamped benchmarks against the device's measured copy bandwidth
     Bench(bench::BenchArgs),
+    /// Greedy Qwen3 decoding on the GPU (a checkpoint directory or random weights of a real shape)
+    Generate(generate::GenerateArgs),
 }
 
 /// How a command that ran ended: every case as expected, or not.
@@ -88,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&cli.global, args),
         Command::Replay(args) => replay::run(&cli.global, args),
         Command::Bench(args) => bench::run(&cli.global, args),
+        Command::Generate(args) => generate::run(&cli.global, args),
     };
     match result {
         Ok(Finish::AllAsExpected) => ExitCode::SUCCESS,

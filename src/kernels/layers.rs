@@ -71,10 +71,12 @@ fn spec_mutant(mutant: Option<LayerMutant>) -> [(u32, u32); 1] {
     [(0, mutant.map_or(0, |m| m as u32))]
 }
 
-/// Rows per matvec workgroup: enough that each invocation loads at least two 16-byte chunks.
-fn matvec_rows_per_wg(cols: usize, dtype: Dtype) -> u64 {
-    let chunks = (cols * dtype.size()).div_ceil(16) as u64;
-    (2 * WG / chunks.max(1)).clamp(1, MATVEC_MAX_ROWS)
+/// (invocations, rows) per matvec workgroup: the invocations cover a row's 16-byte chunks (a
+/// power of two in 32..=256, at least a subgroup), and each loads at least two chunks in all.
+fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32) -> (u64, u64) {
+    let chunks = (cols * dtype.size()).div_ceil(16).max(1) as u64;
+    let wg = chunks.next_power_of_two().clamp(u64::from(subgroup_size).max(32), WG);
+    (wg, (2 * wg / chunks).clamp(1, MATVEC_MAX_ROWS))
 }
 
 /// `y = W·x`, or `y += W·x` with `accumulate` (the residual stream). x: f32 `[cols]`, y: f32 `[rows]`.
@@ -94,9 +96,10 @@ pub fn matvec<'a>(
     check_size("x", x, w.cols, 4)?;
     check_size("y", y, w.rows, 4)?;
     let vec = (w.cols * w.dtype.size()).is_multiple_of(16);
-    let rows_per_wg = matvec_rows_per_wg(w.cols, w.dtype);
+    let (wg, rows_per_wg) = matvec_shape(w.cols, w.dtype, ctx.info().subgroup_size);
     let shader = variant(w.dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 16, spec: &[] })?;
+    let spec = [(1, wg as u32)];
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 16, spec: &spec })?;
     let flags = u32::from(accumulate) | (u32::from(vec) << 1);
     let push = words(&[w.rows as u32, w.cols as u32, rows_per_wg as u32, flags]);
     let (gx, gy) = grid_2d((w.rows as u64).div_ceil(rows_per_wg), u64::from(ctx.info().max_workgroup_count[0]));

@@ -134,6 +134,38 @@ impl Qwen3Config {
         Ok(config)
     }
 
+    /// Names of the [`preset`](Self::preset) shapes.
+    pub const PRESETS: [&'static str; 6] =
+        ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b"];
+
+    /// The published shapes of a dense Qwen3 model (`qwen3-0.6b` … `qwen3-32b`, see ANCHORS.md),
+    /// for running real shapes with random weights.
+    pub fn preset(name: &str) -> Option<Qwen3Config> {
+        let (hidden, layers, heads, intermediate, tied) = match name.to_ascii_lowercase().as_str() {
+            "qwen3-0.6b" => (1024, 28, 16, 3072, true),
+            "qwen3-1.7b" => (2048, 28, 16, 6144, true),
+            "qwen3-4b" => (2560, 36, 32, 9728, true),
+            "qwen3-8b" => (4096, 36, 32, 12288, false),
+            "qwen3-14b" => (5120, 40, 40, 17408, false),
+            "qwen3-32b" => (5120, 64, 64, 25600, false),
+            _ => return None,
+        };
+        Some(Qwen3Config {
+            vocab_size: 151936,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            max_position_embeddings: 40960,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            tie_word_embeddings: tied,
+            dtype: Some(WeightDtype::Bf16),
+        })
+    }
+
     /// What the CPU reference needs.
     pub fn reference_params(&self) -> Qwen3Params {
         Qwen3Params {
