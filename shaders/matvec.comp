@@ -4,97 +4,203 @@
 #extension GL_EXT_control_flow_attributes : require
 // variants: f32 f16 bf16
 //
-// y = W·x (+ y with FLAG_ACCUMULATE): W is [rows][cols] in its stored type (the variant), x and y
-// are f32, products are summed in f32. One workgroup per block of rows_per_wg rows; its
-// invocations stride over the columns (16-byte loads when rows are 16-byte aligned, FLAG_VEC),
-// so each weight byte is read once and x is read once per block. The workgroup size is a
-// specialization constant: narrow rows get narrow workgroups, so few invocations idle. Per-row partial sums are
-// reduced with subgroupAdd, then across subgroups in shared memory. Every output element is
-// written by exactly one invocation, so accumulating into the residual stream needs no atomics.
-// Bindings and push constants mirror src/engine/kernels.rs.
+// Matrix-vector products of the decode step, y = W·x with f32 x and y and W [rows][cols] in its
+// stored type (the variant), summed in f32. One dispatch serves up to three matrices that share
+// x (q/k/v, or gate/up), with optional fusions, so a layer needs few dispatches and barriers:
+//   FLAG_NORM        x is first RMS-normalised with weight nw ([cols], same type as W):
+//                    W·(x·r·nw) = r·(W·(x·nw)), r = rsqrt(mean(x²) + eps). Every workgroup reads
+//                    all of x anyway, so it also sums x² and applies r to its dot products.
+//   FLAG_SWIGLU      W0 = gate, W1 = up (same shape): y0 = silu(W0·x)·(W1·x); each workgroup
+//                    computes the same rows of both.
+//   FLAG_ACCUMULATE  y += W·x (the residual stream).
+// One workgroup per block of rows_per_wg rows of one matrix; its invocations stride over the
+// columns (16-byte loads when rows are 16-byte aligned, FLAG_VEC), so each weight byte is read
+// once. Per-row sums are reduced with subgroupAdd, then across subgroups in shared memory; each
+// output element is written by one invocation. The workgroup size is a specialization constant:
+// narrow rows get narrow workgroups. Bindings and push constants mirror src/kernels/layers.rs.
 
 #include "kv_types.glsl"   // KV_T / kv_load: the weight element type (same encodings as the cache)
 
 layout(local_size_x_id = 1) in;
 layout(constant_id = 1) const uint WG = 256;   // a power of two in 32..=256, picked by the host
+
+// Engine mutants (src/kernels/layers.rs LayerMutant): 0 none.
+layout(constant_id = 0) const uint MUTANT = 0;
+const uint M_NORM_WEIGHT_IGNORED = 4;
+
 const uint MAX_ROWS = 8;           // rows per workgroup (host picks 1..=8)
 const uint MAX_SUBGROUPS = 64;     // 256 / the smallest subgroup size we accept (4)
 const uint FLAG_ACCUMULATE = 1u;
 const uint FLAG_VEC = 2u;
+const uint FLAG_NORM = 4u;
+const uint FLAG_SWIGLU = 8u;
 
-layout(set = 0, binding = 0) readonly buffer Weights { KV_T w[]; };
-layout(set = 0, binding = 0) readonly buffer Weights4 { uvec4 w4[]; };
-layout(set = 0, binding = 1) readonly buffer X { float x[]; };
-layout(set = 0, binding = 1) readonly buffer X4 { vec4 x4[]; };
-layout(set = 0, binding = 2) buffer Y { float y[]; };
+layout(set = 0, binding = 0) readonly buffer W0 { KV_T w0[]; };
+layout(set = 0, binding = 0) readonly buffer W0v { uvec4 w0v[]; };
+layout(set = 0, binding = 1) readonly buffer W1 { KV_T w1[]; };
+layout(set = 0, binding = 1) readonly buffer W1v { uvec4 w1v[]; };
+layout(set = 0, binding = 2) readonly buffer W2 { KV_T w2[]; };
+layout(set = 0, binding = 2) readonly buffer W2v { uvec4 w2v[]; };
+layout(set = 0, binding = 3) readonly buffer X { float x[]; };
+layout(set = 0, binding = 3) readonly buffer Xv { vec4 xv[]; };
+layout(set = 0, binding = 4) buffer Y0 { float y0[]; };
+layout(set = 0, binding = 5) buffer Y1 { float y1[]; };
+layout(set = 0, binding = 6) buffer Y2 { float y2[]; };
+layout(set = 0, binding = 7) readonly buffer NW { KV_T nw[]; };
+layout(set = 0, binding = 7) readonly buffer NWv { uvec4 nwv[]; };
 
 layout(push_constant) uniform Push {
-    uint rows;
+    uint rows0;
+    uint rows1;
+    uint rows2;
     uint cols;
     uint rows_per_wg;
     uint flags;
+    float eps;
 };
 
-shared float partial[MAX_ROWS][MAX_SUBGROUPS];
+shared float partial[2 * MAX_ROWS + 1][MAX_SUBGROUPS];
 
-// Dot product of one 16-byte weight chunk with the matching x values (chunk index c of the row).
-float dot_chunk(uvec4 wv, uint c) {
 #if defined(VARIANT_F32)
-    return dot(uintBitsToFloat(wv), x4[c]);
+const uint PER_CHUNK = 4u;
 #else
-    vec4 xa = x4[2u * c];
-    vec4 xb = x4[2u * c + 1u];
-#if defined(VARIANT_F16)
-    vec2 p0 = unpackHalf2x16(wv.x), p1 = unpackHalf2x16(wv.y), p2 = unpackHalf2x16(wv.z), p3 = unpackHalf2x16(wv.w);
-#else
-    vec2 p0 = vec2(uintBitsToFloat(wv.x << 16), uintBitsToFloat(wv.x & 0xffff0000u));
-    vec2 p1 = vec2(uintBitsToFloat(wv.y << 16), uintBitsToFloat(wv.y & 0xffff0000u));
-    vec2 p2 = vec2(uintBitsToFloat(wv.z << 16), uintBitsToFloat(wv.z & 0xffff0000u));
-    vec2 p3 = vec2(uintBitsToFloat(wv.w << 16), uintBitsToFloat(wv.w & 0xffff0000u));
+const uint PER_CHUNK = 8u;
 #endif
-    return dot(vec4(p0, p1), xa) + dot(vec4(p2, p3), xb);
+
+// The PER_CHUNK weights of a 16-byte chunk, widened.
+void widen(uvec4 v, out vec4 a, out vec4 b) {
+#if defined(VARIANT_F32)
+    a = uintBitsToFloat(v);
+    b = vec4(0.0);
+#elif defined(VARIANT_F16)
+    a = vec4(unpackHalf2x16(v.x), unpackHalf2x16(v.y));
+    b = vec4(unpackHalf2x16(v.z), unpackHalf2x16(v.w));
+#else
+    a = vec4(uintBitsToFloat(v.x << 16), uintBitsToFloat(v.x & 0xffff0000u),
+             uintBitsToFloat(v.y << 16), uintBitsToFloat(v.y & 0xffff0000u));
+    b = vec4(uintBitsToFloat(v.z << 16), uintBitsToFloat(v.z & 0xffff0000u),
+             uintBitsToFloat(v.w << 16), uintBitsToFloat(v.w & 0xffff0000u));
 #endif
 }
 
+float dot_chunk(uvec4 wv, vec4 xa, vec4 xb) {
+    vec4 a, b;
+    widen(wv, a, b);
+#if defined(VARIANT_F32)
+    return dot(a, xa);
+#else
+    return dot(a, xa) + dot(b, xb);
+#endif
+}
+
+float acc[2 * MAX_ROWS];   // rows of the block; with SWIGLU, [MAX_ROWS..] are the up rows
+float ss = 0.0;            // Σ x² over this invocation's columns (FLAG_NORM)
+
+// x chunk c (and its square sum, and the norm weight), for the vector path.
+void load_x(uint c, out vec4 xa, out vec4 xb, bool norm, bool count) {
+#if defined(VARIANT_F32)
+    xa = xv[c];
+    xb = vec4(0.0);
+#else
+    xa = xv[2u * c];
+    xb = xv[2u * c + 1u];
+#endif
+    if (norm) {
+        if (count) ss += dot(xa, xa) + dot(xb, xb);
+        if (MUTANT != M_NORM_WEIGHT_IGNORED) {
+            vec4 na, nb;
+            widen(nwv[c], na, nb);
+            xa *= na;
+            xb *= nb;
+        }
+    }
+}
+
+float load_x1(uint c, bool norm, bool count) {
+    float v = x[c];
+    if (norm) {
+        if (count) ss += v * v;
+        if (MUTANT != M_NORM_WEIGHT_IGNORED) v *= kv_load(uint(nw[c]));
+    }
+    return v;
+}
+
+// The per-row dot products of rows row0.. of one weight buffer, into acc[base..].
+#define ROWS_DOT(WV, WS, base, count)                                                              \
+    if (vec) {                                                                              \
+        for (uint c = tid; c < chunks; c += WG) {                                           \
+            vec4 xa, xb;                                                                    \
+            load_x(c, xa, xb, norm, count);                                                      \
+            [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {                                \
+                if (r < n_rows) acc[base + r] += dot_chunk(WV[(row0 + r) * chunks + c], xa, xb); \
+            }                                                                               \
+        }                                                                                   \
+    } else {                                                                                \
+        for (uint c = tid; c < cols; c += WG) {                                             \
+            float xc = load_x1(c, norm, count);                                                  \
+            [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {                                \
+                if (r < n_rows) acc[base + r] += kv_load(uint(WS[(row0 + r) * cols + c])) * xc; \
+            }                                                                               \
+        }                                                                                   \
+    }
+
 void main() {
     uint wg = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    bool swiglu = (flags & FLAG_SWIGLU) != 0u;
+    bool vec = (flags & FLAG_VEC) != 0u;
+    bool norm = (flags & FLAG_NORM) != 0u;
+    uint blocks0 = (rows0 + rows_per_wg - 1u) / rows_per_wg;
+    uint blocks1 = swiglu ? 0u : (rows1 + rows_per_wg - 1u) / rows_per_wg;
+    uint blocks2 = swiglu ? 0u : (rows2 + rows_per_wg - 1u) / rows_per_wg;
+    // Which matrix and rows this workgroup serves (uniform per workgroup, so no barrier is
+    // skipped by part of it).
+    uint m, rows;
+    if (wg < blocks0) { m = 0u; rows = rows0; }
+    else if (wg < blocks0 + blocks1) { m = 1u; rows = rows1; wg -= blocks0; }
+    else if (wg < blocks0 + blocks1 + blocks2) { m = 2u; rows = rows2; wg -= blocks0 + blocks1; }
+    else return;
     uint row0 = wg * rows_per_wg;
-    if (row0 >= rows) return;   // uniform per workgroup: no barrier is skipped by part of it
     uint n_rows = min(rows_per_wg, rows - row0);
     uint tid = gl_LocalInvocationID.x;
+    uint chunks = cols / PER_CHUNK;
 
-    float acc[MAX_ROWS];
-    [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) acc[r] = 0.0;
-
-    if ((flags & FLAG_VEC) != 0u) {
-#if defined(VARIANT_F32)
-        uint chunks = cols / 4u;
-#else
-        uint chunks = cols / 8u;
-#endif
-        for (uint c = tid; c < chunks; c += WG) {
-            [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {
-                if (r < n_rows) acc[r] += dot_chunk(w4[(row0 + r) * chunks + c], c);
-            }
+    [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) acc[r] = 0.0;
+    if (m == 0u) {
+        ROWS_DOT(w0v, w0, 0, true)
+        if (swiglu) {
+            ROWS_DOT(w1v, w1, MAX_ROWS, false)   // x² was summed in the gate pass
         }
+    } else if (m == 1u) {
+        ROWS_DOT(w1v, w1, 0, true)
     } else {
-        for (uint c = tid; c < cols; c += WG) {
-            float xc = x[c];
-            [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {
-                if (r < n_rows) acc[r] += kv_load(uint(w[(row0 + r) * cols + c])) * xc;
-            }
-        }
+        ROWS_DOT(w2v, w2, 0, true)
     }
 
-    [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {
-        float s = subgroupAdd(acc[r]);
-        if (gl_SubgroupInvocationID == 0u && r < n_rows) partial[r][gl_SubgroupID] = s;
+    [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) {
+        if (r % MAX_ROWS < n_rows && (r < MAX_ROWS || swiglu)) {
+            float s = subgroupAdd(acc[r]);
+            if (gl_SubgroupInvocationID == 0u) partial[r][gl_SubgroupID] = s;
+        }
     }
+    float s2 = subgroupAdd(ss);
+    if (gl_SubgroupInvocationID == 0u) partial[2 * MAX_ROWS][gl_SubgroupID] = s2;
     barrier();
-    if (tid < n_rows) {
-        float s = 0.0;
-        for (uint g = 0; g < gl_NumSubgroups; g++) s += partial[tid][g];
-        uint row = row0 + tid;
-        y[row] = ((flags & FLAG_ACCUMULATE) != 0u) ? y[row] + s : s;
+    if (tid >= n_rows) return;
+    float dot0 = 0.0, dot1 = 0.0, total_ss = 0.0;
+    for (uint g = 0; g < gl_NumSubgroups; g++) {
+        dot0 += partial[tid][g];
+        dot1 += partial[MAX_ROWS + tid][g];
+        total_ss += partial[2 * MAX_ROWS][g];
     }
+    if ((flags & FLAG_NORM) != 0u) {
+        float r = inversesqrt(total_ss / float(cols) + eps);
+        dot0 *= r;
+        dot1 *= r;
+    }
+    uint row = row0 + tid;
+    float result = swiglu ? dot0 / (1.0 + exp(-dot0)) * dot1 : dot0;
+    bool add = (flags & FLAG_ACCUMULATE) != 0u;
+    if (m == 0u) y0[row] = add ? y0[row] + result : result;
+    else if (m == 1u) y1[row] = add ? y1[row] + result : result;
+    else y2[row] = add ? y2[row] + result : result;
 }

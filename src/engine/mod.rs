@@ -1,9 +1,9 @@
 //! The Qwen3 decode engine: a whole decode step on the GPU, recorded once and replayed per token.
 //!
-//! One step is: embedding row → per layer [RMSNorm → q/k/v projections → q/k-norm + RoPE →
-//! decode attention with the new K/V appended in the same dispatch (the fused hot-path kernel) →
-//! output projection added to the residual → RMSNorm → gate/up → SwiGLU → down projection added
-//! to the residual] → final norm → LM head → argmax. The step's position and input token live in
+//! One step is: embedding row → per layer [RMSNorm + q/k/v projections (one dispatch) → q/k-norm
+//! + RoPE → decode attention with the new K/V appended in the same dispatch (the fused hot-path
+//! kernel) → output projection added to the residual → RMSNorm + gate/up + SwiGLU (one dispatch)
+//! → down projection added to the residual] → final norm + LM head → argmax. The step's position and input token live in
 //! a small state buffer (`[seq_len, token, prompt_len, sampled]`) that the argmax kernel advances,
 //! feeding the next prompt token while the prompt lasts and the sampled token after; so a token
 //! costs one queue submit and one host wait, no copies, and the only host read is the sampled id.
@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams};
-use crate::kernels::layers::{self, LayerMutant, QkRopeShape};
+use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall, QkRopeShape};
 use crate::kernels::{CacheLayout, Dtype, KernelError};
 use crate::model::{Checkpoint, ModelError, Qwen3Config};
 use crate::reference::qwen3::rope_inv_freq;
@@ -265,8 +265,8 @@ struct Scratch {
     k: Buffer,
     v: Buffer,
     attn: Buffer,
-    gate: Buffer,
-    up: Buffer,
+    /// The MLP's activation silu(gate)·up.
+    act: Buffer,
     logits: Buffer,
     argmax_partial: Buffer,
     partial_o: Buffer,
@@ -329,8 +329,7 @@ impl Scratch {
             k: f32_buffer("k", hkv * d)?,
             v: f32_buffer("v", hkv * d)?,
             attn: f32_buffer("attn", hq * d)?,
-            gate: f32_buffer("gate", c.intermediate_size)?,
-            up: f32_buffer("up", c.intermediate_size)?,
+            act: f32_buffer("act", c.intermediate_size)?,
             logits: Buffer::new(ctx, "logits", 4 * c.vocab_size as u64, logits_location)?,
             argmax_partial: Buffer::new(
                 ctx,
@@ -400,14 +399,40 @@ fn record_step<'a>(
     layers::embed(rec, ctx, &s.state, w.embed_tokens.matrix(), &s.x)?;
     mark(rec, "embed".into())?;
     rec.barrier();
+    // RMSNorm of x fused into the projections that read it (when the norm weight has the
+    // matrices' element type; else a separate norm into h first).
+    let normed_matvec = |rec: &mut Recorder<'a>,
+                         norm: &'a weights::GpuTensor,
+                         outputs: Vec<(Matrix<'a>, &'a Buffer)>,
+                         swiglu: bool,
+                         label: &str|
+     -> Result<(), EngineError> {
+        let mut call = MatvecCall { x: &s.x, outputs, norm: None, accumulate: false, swiglu, mutant: layer_mutant };
+        if norm.dtype == call.outputs[0].0.dtype {
+            call.norm = Some((norm.vector(), eps));
+        } else {
+            layers::rmsnorm(rec, ctx, &s.x, norm.vector(), &s.h, eps, layer_mutant, "rmsnorm")?;
+            rec.barrier();
+            call.x = &s.h;
+        }
+        layers::matvec(rec, ctx, &call, label)?;
+        Ok(())
+    };
+    let residual = |rec: &mut Recorder<'a>, w: &'a weights::GpuTensor, x: &'a Buffer, label: &str| {
+        let call = MatvecCall {
+            x,
+            outputs: vec![(w.matrix(), &s.x)],
+            norm: None,
+            accumulate: true,
+            swiglu: false,
+            mutant: layer_mutant,
+        };
+        layers::matvec(rec, ctx, &call, label)
+    };
     for (l, layer) in w.layers.iter().enumerate() {
-        layers::rmsnorm(rec, ctx, &s.x, layer.input_layernorm.vector(), &s.h, eps, layer_mutant, "input_layernorm")?;
-        mark(rec, format!("L{l}.input_layernorm"))?;
-        rec.barrier();
-        layers::matvec(rec, ctx, layer.q_proj.matrix(), &s.h, &s.q, false, "q_proj")?;
-        layers::matvec(rec, ctx, layer.k_proj.matrix(), &s.h, &s.k, false, "k_proj")?;
-        layers::matvec(rec, ctx, layer.v_proj.matrix(), &s.h, &s.v, false, "v_proj")?;
-        mark(rec, format!("L{l}.qkv_proj"))?;
+        let qkv = vec![(layer.q_proj.matrix(), &s.q), (layer.k_proj.matrix(), &s.k), (layer.v_proj.matrix(), &s.v)];
+        normed_matvec(rec, &layer.input_layernorm, qkv, false, "input_layernorm+qkv_proj")?;
+        mark(rec, format!("L{l}.norm_qkv_proj"))?;
         rec.barrier();
         let shape = QkRopeShape {
             n_q_heads: c.num_attention_heads,
@@ -445,29 +470,19 @@ fn record_step<'a>(
         attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;
         mark(rec, format!("L{l}.attention"))?;
         rec.barrier();
-        layers::matvec(rec, ctx, layer.o_proj.matrix(), &s.attn, &s.x, true, "o_proj")?;
+        residual(rec, &layer.o_proj, &s.attn, "o_proj")?;
         mark(rec, format!("L{l}.o_proj"))?;
         rec.barrier();
-        let norm = layer.post_attention_layernorm.vector();
-        layers::rmsnorm(rec, ctx, &s.x, norm, &s.h, eps, layer_mutant, "post_attention_layernorm")?;
-        mark(rec, format!("L{l}.post_attention_layernorm"))?;
+        let gate_up = vec![(layer.gate_proj.matrix(), &s.act), (layer.up_proj.matrix(), &s.act)];
+        normed_matvec(rec, &layer.post_attention_layernorm, gate_up, true, "post_attention_layernorm+gate_up+swiglu")?;
+        mark(rec, format!("L{l}.norm_gate_up_swiglu"))?;
         rec.barrier();
-        layers::matvec(rec, ctx, layer.gate_proj.matrix(), &s.h, &s.gate, false, "gate_proj")?;
-        layers::matvec(rec, ctx, layer.up_proj.matrix(), &s.h, &s.up, false, "up_proj")?;
-        mark(rec, format!("L{l}.gate_up_proj"))?;
-        rec.barrier();
-        layers::swiglu(rec, ctx, &s.gate, &s.up, c.intermediate_size)?;
-        mark(rec, format!("L{l}.swiglu"))?;
-        rec.barrier();
-        layers::matvec(rec, ctx, layer.down_proj.matrix(), &s.gate, &s.x, true, "down_proj")?;
+        residual(rec, &layer.down_proj, &s.act, "down_proj")?;
         mark(rec, format!("L{l}.down_proj"))?;
         rec.barrier();
     }
-    layers::rmsnorm(rec, ctx, &s.x, w.norm.vector(), &s.h, eps, layer_mutant, "norm")?;
-    mark(rec, "norm".into())?;
-    rec.barrier();
-    layers::matvec(rec, ctx, w.lm_head().matrix(), &s.h, &s.logits, false, "lm_head")?;
-    mark(rec, "lm_head".into())?;
+    normed_matvec(rec, &w.norm, vec![(w.lm_head().matrix(), &s.logits)], false, "norm+lm_head")?;
+    mark(rec, "norm_lm_head".into())?;
     rec.barrier();
     layers::argmax_advance(rec, ctx, &s.logits, c.vocab_size, &s.argmax_partial, &s.state, &s.prompt, s.capacity)?;
     mark(rec, "argmax".into())?;

@@ -1,5 +1,5 @@
-//! The layer kernels of the Qwen3 decode engine: embedding row, RMSNorm, matvec, q/k-norm + RoPE,
-//! SwiGLU, GPU argmax with the decode-state update, and random weight fill.
+//! The layer kernels of the Qwen3 decode engine: embedding row, RMSNorm, matvec (with fused
+//! RMSNorm and SwiGLU), q/k-norm + RoPE, GPU argmax with the decode-state update, and random weight fill.
 //!
 //! Weights are read in their stored type (the shader variant), activations are f32. Every
 //! function checks its shapes against the buffers it is given before recording, so a wrong size
@@ -10,7 +10,7 @@ use crate::shaders;
 
 use super::{Dtype, KernelError, ParamError, grid_2d, invalid, words};
 
-/// Invocations per workgroup of the matvec, norm, embed, swiglu and fill shaders.
+/// Invocations per workgroup of the norm, embed and fill shaders (the most for the matvec).
 const WG: u64 = 256;
 /// The largest `rows_per_wg` the matvec shader takes.
 const MATVEC_MAX_ROWS: u64 = 8;
@@ -79,31 +79,90 @@ fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32) -> (u64, u64) {
     (wg, (2 * wg / chunks).clamp(1, MATVEC_MAX_ROWS))
 }
 
-/// `y = W·x`, or `y += W·x` with `accumulate` (the residual stream). x: f32 `[cols]`, y: f32 `[rows]`.
+/// One matvec dispatch: `y_i = W_i·x` for up to three matrices sharing x (same columns and
+/// element type), with the fusions of matvec.comp.
+pub struct MatvecCall<'a> {
+    /// f32 `[cols]`.
+    pub x: &'a Buffer,
+    /// Each matrix with its f32 output `[rows]`.
+    pub outputs: Vec<(Matrix<'a>, &'a Buffer)>,
+    /// RMS-normalise x first with this weight (`[cols]`, same type as the matrices) and eps.
+    pub norm: Option<(Vector<'a>, f32)>,
+    /// `y += W·x` (the residual stream).
+    pub accumulate: bool,
+    /// Exactly two matrices, gate and up: the first output gets `silu(gate·x)·(up·x)`.
+    pub swiglu: bool,
+    pub mutant: Option<LayerMutant>,
+}
+
+/// Records a [`MatvecCall`].
 pub fn matvec<'a>(
     rec: &mut Recorder<'a>,
     ctx: &Context,
-    w: Matrix<'a>,
-    x: &'a Buffer,
-    y: &'a Buffer,
-    accumulate: bool,
+    call: &MatvecCall<'a>,
     label: &str,
 ) -> Result<(), KernelError> {
-    if w.rows == 0 || w.cols == 0 {
-        return Err(invalid("w", format!("a {}×{} matrix is empty", w.rows, w.cols)).into());
+    let Some(&(first, _)) = call.outputs.first() else {
+        return Err(invalid("outputs", "a matvec needs at least one matrix").into());
+    };
+    if call.outputs.len() > 3 || (call.swiglu && call.outputs.len() != 2) {
+        return Err(
+            invalid("outputs", format!("{} matrices (1..=3, exactly 2 with swiglu)", call.outputs.len())).into()
+        );
     }
-    check_size("w", w.buffer, w.rows * w.cols, w.dtype.size())?;
-    check_size("x", x, w.cols, 4)?;
-    check_size("y", y, w.rows, 4)?;
-    let vec = (w.cols * w.dtype.size()).is_multiple_of(16);
-    let (wg, rows_per_wg) = matvec_shape(w.cols, w.dtype, ctx.info().subgroup_size);
-    let shader = variant(w.dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
-    let spec = [(1, wg as u32)];
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 16, spec: &spec })?;
-    let flags = u32::from(accumulate) | (u32::from(vec) << 1);
-    let push = words(&[w.rows as u32, w.cols as u32, rows_per_wg as u32, flags]);
-    let (gx, gy) = grid_2d((w.rows as u64).div_ceil(rows_per_wg), u64::from(ctx.info().max_workgroup_count[0]));
-    rec.dispatch(&pipeline, &[w.buffer, x, y], &push, [gx as u32, gy as u32, 1], label)?;
+    let (cols, dtype) = (first.cols, first.dtype);
+    for (i, &(w, y)) in call.outputs.iter().enumerate() {
+        if w.rows == 0 || w.cols != cols || w.dtype != dtype {
+            return Err(invalid(
+                "outputs",
+                format!(
+                    "matrix {i} is {}×{} {}; every matrix needs {cols} columns of {dtype} and at least one row",
+                    w.rows, w.cols, w.dtype
+                ),
+            )
+            .into());
+        }
+        check_size("w", w.buffer, w.rows * w.cols, dtype.size())?;
+        check_size("y", y, w.rows, 4)?;
+    }
+    if call.swiglu && call.outputs[0].0.rows != call.outputs[1].0.rows {
+        return Err(invalid("outputs", "gate and up must have the same rows").into());
+    }
+    check_size("x", call.x, cols, 4)?;
+    if let Some((nw, eps)) = call.norm {
+        if nw.len != cols || nw.dtype != dtype {
+            return Err(invalid("norm", format!("{} values of {}; {cols} of {dtype} needed", nw.len, nw.dtype)).into());
+        }
+        check_size("norm", nw.buffer, cols, dtype.size())?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(invalid("eps", format!("{eps} is not a finite non-negative number")).into());
+        }
+    }
+    let vec = (cols * dtype.size()).is_multiple_of(16);
+    let (wg, rows_per_wg) = matvec_shape(cols, dtype, ctx.info().subgroup_size);
+    let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
+    let spec = [spec_mutant(call.mutant)[0], (1, wg as u32)];
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec: &spec })?;
+    let flags = u32::from(call.accumulate)
+        | (u32::from(vec) << 1)
+        | (u32::from(call.norm.is_some()) << 2)
+        | (u32::from(call.swiglu) << 3);
+    let rows = |i: usize| call.outputs.get(i).map_or(0, |(w, _)| w.rows);
+    let eps = call.norm.map_or(0.0, |(_, e)| e);
+    let push =
+        words(&[rows(0) as u32, rows(1) as u32, rows(2) as u32, cols as u32, rows_per_wg as u32, flags, eps.to_bits()]);
+    // Unused bindings get a buffer the shader never reads in that mode.
+    let w = |i: usize| call.outputs.get(i).map_or(first.buffer, |(m, _)| m.buffer);
+    let y = |i: usize| call.outputs.get(i).map_or(call.outputs[0].1, |(_, y)| *y);
+    let nw = call.norm.map_or(call.x, |(v, _)| v.buffer);
+    let buffers = [w(0), w(1), w(2), call.x, y(0), y(1), y(2), nw];
+    let blocks: u64 = if call.swiglu {
+        (rows(0) as u64).div_ceil(rows_per_wg)
+    } else {
+        (0..3).map(|i| (rows(i) as u64).div_ceil(rows_per_wg)).sum()
+    };
+    let (gx, gy) = grid_2d(blocks, u64::from(ctx.info().max_workgroup_count[0]));
+    rec.dispatch(&pipeline, &buffers, &push, [gx as u32, gy as u32, 1], label)?;
     Ok(())
 }
 
@@ -211,23 +270,6 @@ pub fn embed<'a>(
     let push = words(&[table.cols as u32, table.rows as u32]);
     let groups = (table.cols as u64).div_ceil(WG) as u32;
     rec.dispatch(&pipeline, &[state, table.buffer, x], &push, [groups, 1, 1], "embed")?;
-    Ok(())
-}
-
-/// In place: `gate[i] = silu(gate[i])·up[i]` for `n` f32 values.
-pub fn swiglu<'a>(
-    rec: &mut Recorder<'a>,
-    ctx: &Context,
-    gate: &'a Buffer,
-    up: &'a Buffer,
-    n: usize,
-) -> Result<(), KernelError> {
-    check_size("gate", gate, n, 4)?;
-    check_size("up", up, n, 4)?;
-    let pipeline =
-        ctx.pipeline(&PipelineDesc { shader: &shaders::SWIGLU, bindings: 2, push_constant_bytes: 4, spec: &[] })?;
-    let groups = (n as u64).div_ceil(WG) as u32;
-    rec.dispatch(&pipeline, &[gate, up], &words(&[n as u32]), [groups, 1, 1], "swiglu")?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! the key or tensor, and what was expected.
 
 pub mod config;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::PathBuf;
