@@ -1,9 +1,10 @@
 //! The Qwen3 decode engine: a whole decode step on the GPU, recorded once and replayed per token.
 //!
-//! One step is: embedding row → per layer [RMSNorm + q/k/v projections (one dispatch) → q/k-norm
-//! + RoPE → decode attention with the new K/V appended in the same dispatch (the fused hot-path
-//! kernel) → output projection added to the residual → RMSNorm + gate/up + SwiGLU (one dispatch)
-//! → down projection added to the residual] → final norm + LM head → argmax. The step's position and input token live in
+//! One step is: the embedding row; then per layer, RMSNorm fused with the q/k/v projections (one
+//! dispatch), q/k-norm with RoPE, decode attention with the new K/V appended in the same dispatch
+//! (the fused hot-path kernel), the output projection added to the residual, RMSNorm fused with
+//! gate/up and SwiGLU (one dispatch), and the down projection added to the residual; then the
+//! final norm fused with the LM head, and the argmax. The step's position and input token live in
 //! a small state buffer (`[seq_len, token, prompt_len, sampled]`) that the argmax kernel advances,
 //! feeding the next prompt token while the prompt lasts and the sampled token after; so a token
 //! costs one queue submit and one host wait, no copies, and the only host read is the sampled id.
