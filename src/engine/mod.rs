@@ -94,11 +94,14 @@ pub struct GenerateOptions {
     /// Write GPU timestamps around every dispatch (for `--trace`).
     pub trace: bool,
     pub mutant: Option<EngineMutant>,
+    /// Benchmarks: start with this many cache positions already filled (with random values) and
+    /// feed the prompt after them, to time long contexts without prefilling them.
+    pub start_position: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { kv_dtype: Dtype::F32, keep_logits: false, trace: false, mutant: None }
+        GenerateOptions { kv_dtype: Dtype::F32, keep_logits: false, trace: false, mutant: None, start_position: 0 }
     }
 }
 
@@ -200,15 +203,17 @@ impl Engine {
             )));
         }
         let steps = prompt.len() - 1 + max_new_tokens.max(1);
-        if steps > c.max_position_embeddings {
+        let capacity = options.start_position + steps;
+        if capacity > c.max_position_embeddings {
             return Err(EngineError::Input(format!(
-                "the prompt ({} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's \
-                 max_position_embeddings ({})",
+                "the start position ({}), the prompt ({} tokens) and max_new_tokens ({max_new_tokens}) \
+                 exceed the model's max_position_embeddings ({})",
+                options.start_position,
                 prompt.len(),
                 c.max_position_embeddings
             )));
         }
-        let scratch = Scratch::new(self, prompt, steps, options)?;
+        let scratch = Scratch::new(self, prompt, capacity, options)?;
         let mut rec = Recorder::reusable(&self.ctx)?;
         let labels = record_step(&mut rec, self, &scratch, options)?;
         let mut program = rec.finish()?;
@@ -312,13 +317,26 @@ impl Scratch {
                 .collect()
         };
 
-        let state_words = [1, prompt[0], prompt.len() as u32, 0];
+        // The prompt sits at absolute positions start.. of the prompt buffer.
+        let start = options.start_position;
+        let state_words = [start as u32 + 1, prompt[0], (start + prompt.len()) as u32, 0];
         let state = Buffer::with_bytes(ctx, "state", &crate::kernels::words(&state_words), Location::Upload)?;
-        let mut prompt_words = prompt.to_vec();
+        let mut prompt_words = vec![0; start];
+        prompt_words.extend_from_slice(prompt);
         prompt_words.resize(capacity, 0);
         let prompt_buffer = Buffer::with_bytes(ctx, "prompt", &crate::kernels::words(&prompt_words), Location::Upload)?;
         let rope = Buffer::with_bytes(ctx, "rope", &rope_table(c.rope_theta, d, capacity), Location::Upload)?;
         let logits_location = if options.keep_logits { Location::Readback } else { Location::Device };
+        let (k_cache, v_cache) = (cache("k")?, cache("v")?);
+        if start > 0 {
+            // Values like real keys and values: finite, unit scale.
+            let mut rec = Recorder::new(ctx)?;
+            let elements = attention.layout.min_elements();
+            for (i, b) in k_cache.iter().chain(&v_cache).enumerate() {
+                layers::fill(&mut rec, ctx, b, options.kv_dtype, elements, 0x5eed + i as u32, 1.0, 0.0)?;
+            }
+            rec.submit()?;
+        }
         Ok(Scratch {
             capacity,
             state,
@@ -340,8 +358,8 @@ impl Scratch {
             )?,
             partial_o: Buffer::new(ctx, "attention.partial_o", attention.partial_o_bytes(), Location::Device)?,
             partial_ml: Buffer::new(ctx, "attention.partial_ml", attention.partial_ml_bytes(), Location::Device)?,
-            k_cache: cache("k")?,
-            v_cache: cache("v")?,
+            k_cache,
+            v_cache,
             attention,
         })
     }
