@@ -10,6 +10,7 @@ mod mutants;
 mod report;
 
 use std::io::{IsTerminal as _, Write as _};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,11 +27,15 @@ use vkdecode::kernels::Mutant;
 
 const AFTER_HELP: &str = "\
 Budget: --duration and --cases each end the campaign (whichever comes first); with neither it
-runs until Ctrl-C. Ctrl-C (or SIGTERM) finishes the current case, then prints the summary; a
+runs until Ctrl-C. Ctrl-C (or SIGTERM) finishes the cases running, then prints the summary; a
 second Ctrl-C quits at once.
 
 Reproducibility: case i of shard K/N is global case K + i*N, a pure function of the seed and that
 index. Give every shard the same --seed. Without --seed a random one is drawn and printed.
+
+Parallelism: --jobs worker threads run cases; verdicts are counted in case order, so any --jobs
+runs the same cases and finds the same failures for a --cases budget (and --fail-fast stops at the
+same one). Failures are shrunk on the main thread while the workers go on.
 
 Environment:
   VKDECODE_SHARD=K/N        the shard when --shard is absent (a GitHub Actions matrix)
@@ -63,6 +68,9 @@ struct Cli {
     /// VKDECODE_SHARD or JOB_COMPLETION_INDEX + VKDECODE_SHARDS, else 0/1]
     #[arg(long, value_name = "K/N", value_parser = Shard::parse)]
     shard: Option<Shard>,
+    /// Worker threads that draw, run and check cases [default: the number of CPUs]
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<NonZeroUsize>,
     /// Kernels to fuzz, comma-separated: attention, kv_append (or all)
     #[arg(long, value_name = "LIST", default_value = "attention,kv_append", value_parser = Kernels::parse)]
     kernels: Kernels,
@@ -146,6 +154,14 @@ fn context_options(cli: &Cli) -> ContextOptions {
     options
 }
 
+/// How often the main thread looks at the clock and the stop flag while it waits for a case.
+const TICK: Duration = Duration::from_millis(100);
+
+/// --jobs, else one per CPU.
+fn jobs(cli: &Cli) -> usize {
+    cli.jobs.or_else(|| std::thread::available_parallelism().ok()).map_or(1, NonZeroUsize::get)
+}
+
 /// A seed from the clock and the process id (printed, so the campaign can be repeated).
 fn random_seed() -> u64 {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
@@ -160,7 +176,7 @@ fn install_stop() -> Arc<AtomicBool> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        let _ = writeln!(std::io::stderr(), "\nvkdecode-fuzz: stopping after the current case (again to quit now)");
+        let _ = writeln!(std::io::stderr(), "\nvkdecode-fuzz: stopping after the running cases (again to quit now)");
     });
     if let Err(e) = installed {
         note(&format!("warning: no Ctrl-C handler ({e}); an interrupt will end the campaign without a summary"));
@@ -290,6 +306,9 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
         corpus: Some(corpus.clone()),
         shrink: ShrinkBudget { max_steps: cli.shrink_steps, max_time: cli.shrink_time },
         context: context_options(cli),
+        jobs: jobs(cli),
+        max_cases: cli.cases,
+        fail_fast: cli.fail_fast,
     };
     let mut campaign = match Campaign::new(options) {
         Ok(c) => c,
@@ -307,8 +326,9 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
             .join(" or "),
     };
     note(&format!(
-        "vkdecode-fuzz: seed {seed}, shard {shard}, kernels {}, {budget}, device {}{}{}; failures go to {}",
+        "vkdecode-fuzz: seed {seed}, shard {shard}, kernels {}, {budget}, {} jobs, device {}{}{}; failures go to {}",
         cli.kernels.names().join(","),
+        campaign.options().jobs,
         campaign.device().name,
         if campaign.context().validation_enabled() { ", validation on" } else { "" },
         cli.mutant.map(|m| format!(", mutant {}", m.name())).unwrap_or_default(),
@@ -322,18 +342,27 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
     let bar = progress(cli.cases, template);
     let start = Instant::now();
     let mut device_error = None;
+    // Set by Ctrl-C or the duration: the workers take no new case, and the loop counts (and
+    // records) the cases they were running, as a one-thread run finishes its current case.
+    let mut ending = None;
     let ended = loop {
-        if stop.load(Ordering::Relaxed) {
-            break Ended::Interrupted;
+        if ending.is_none() {
+            if stop.load(Ordering::Relaxed) {
+                ending = Some(Ended::Interrupted);
+            } else if cli.duration.is_some_and(|d| start.elapsed() >= d) {
+                ending = Some(Ended::Duration);
+            }
+            if ending.is_some() {
+                bar.set_message("finishing the running cases…");
+                campaign.halt();
+            }
         }
-        if cli.cases.is_some_and(|n| campaign.cases_drawn() >= n) {
-            break Ended::Cases;
+        if cli.cases.is_some_and(|n| campaign.cases_run() >= n) {
+            break ending.unwrap_or(Ended::Cases);
         }
-        if cli.duration.is_some_and(|d| start.elapsed() >= d) {
-            break Ended::Duration;
-        }
-        let step = match campaign.step() {
-            Ok(step) => step,
+        let step = match campaign.next_step(TICK) {
+            Ok(Some(step)) => step,
+            Ok(None) => continue,
             Err(e) => {
                 device_error = Some(e.to_string());
                 break Ended::DeviceError;
@@ -343,7 +372,7 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
         let failure = match step {
             Step::Passed | Step::Skipped(_) => None,
             Step::Failed(failure) => Some(failure),
-            Step::Exhausted => break Ended::Exhausted,
+            Step::Exhausted => break ending.unwrap_or(Ended::Exhausted),
         };
         if let Some(failure) = failure {
             let headline = format!(
@@ -370,9 +399,13 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
                 break Ended::FailFast;
             }
         }
-        let s = campaign.stats();
-        bar.set_message(format!("{} failed, {} skipped", s.failed, s.skipped));
+        if ending.is_none() {
+            let s = campaign.stats();
+            bar.set_message(format!("{} failed, {} skipped", s.failed, s.skipped));
+        }
     };
+    // After fail-fast or an error: waits for the cases still running and drops their results.
+    campaign.finish();
     bar.finish_and_clear();
     let elapsed = start.elapsed();
     if let Some(e) = &device_error {
@@ -430,6 +463,15 @@ mod tests {
     fn mutants_mode_refuses_a_corpus_and_a_single_mutant() {
         assert!(Cli::try_parse_from(["vkdecode-fuzz", "--mutants", "--corpus", "x"]).is_err());
         assert!(Cli::try_parse_from(["vkdecode-fuzz", "--mutants", "--mutant", "attention.gqa_modulo"]).is_err());
+    }
+
+    #[test]
+    fn jobs_are_a_positive_count() {
+        assert!(Cli::try_parse_from(["vkdecode-fuzz", "--jobs", "0"]).is_err());
+        let cli = Cli::try_parse_from(["vkdecode-fuzz", "-j", "3"]).ok();
+        assert_eq!(cli.map(|c| jobs(&c)), Some(3));
+        let cli = Cli::try_parse_from(["vkdecode-fuzz"]).ok();
+        assert!(cli.is_some_and(|c| jobs(&c) >= 1));
     }
 
     #[test]

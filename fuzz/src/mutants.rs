@@ -15,7 +15,7 @@ use vkdecode::cases::campaign::{Campaign, CampaignOptions, Kernels, Shard, Shrin
 use vkdecode::gpu::Context;
 use vkdecode::kernels::Mutant;
 
-use super::{Cli, context_options, emit, note, progress, write_atomic};
+use super::{Cli, TICK, context_options, emit, jobs, note, progress, write_atomic};
 
 /// The hunt for one mutant.
 struct Hunt {
@@ -47,10 +47,11 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
     };
     let mutants = Mutant::all();
     note(&format!(
-        "vkdecode-fuzz --mutants: {} mutants, seed {seed}, at most {} cases or {:.0} s each, device {}",
+        "vkdecode-fuzz --mutants: {} mutants, seed {seed}, at most {} cases or {:.0} s each, {} jobs, device {}",
         mutants.len(),
         cli.mutant_cases,
         cli.mutant_time.as_secs_f64(),
+        jobs(cli),
         ctx.info().name
     ));
     let bar = progress(Some(mutants.len() as u64), "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} mutants {msg}");
@@ -70,6 +71,9 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
             corpus: None,
             shrink: ShrinkBudget { max_steps: 0, max_time: Default::default() },
             context: context.clone(),
+            jobs: jobs(cli),
+            max_cases: Some(cli.mutant_cases),
+            fail_fast: true,
         };
         let mut campaign = Campaign::with_context(options, Arc::clone(&ctx));
         let began = Instant::now();
@@ -79,15 +83,16 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
                 hunt.interrupted = true;
                 break;
             }
-            match campaign.step() {
-                Ok(Step::Failed(failure)) => {
-                    hunt.cases += 1;
+            let step = campaign.next_step(TICK);
+            hunt.cases = campaign.cases_run();
+            match step {
+                Ok(Some(Step::Failed(failure))) => {
                     hunt.caught = true;
                     hunt.detail = Some(format!("{}: {}", failure.case.origin, failure.verdict.summary()));
                     break;
                 }
-                Ok(Step::Exhausted) => break,
-                Ok(_) => hunt.cases += 1,
+                Ok(Some(Step::Exhausted)) => break,
+                Ok(_) => {}
                 Err(e) => {
                     device_error = Some(e.to_string());
                     break;
@@ -95,7 +100,8 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
             }
         }
         hunt.seconds = began.elapsed().as_secs_f64();
-        ctx = Arc::clone(campaign.context());
+        campaign.finish();
+        ctx = campaign.context();
         bar.suspend(|| {
             note(&format!(
                 "{:<32} {}",

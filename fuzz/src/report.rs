@@ -73,10 +73,11 @@ impl Summary<'_> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nvkdecode-fuzz: {} cases in {} ({:.1} cases/s) on {}; seed {}, shard {}{}; ended by {}",
+            "\nvkdecode-fuzz: {} cases in {} ({:.1} cases/s, {} jobs) on {}; seed {}, shard {}{}; ended by {}",
             s.cases,
             seconds(self.elapsed),
             self.rate(),
+            o.jobs,
             c.device().name,
             o.seed,
             o.shard,
@@ -104,7 +105,7 @@ impl Summary<'_> {
         let total = timings.total().as_secs_f64().max(1e-9);
         let _ = writeln!(
             out,
-            "\ntime per stage (summed over cases; {} of {} wall):",
+            "\ntime per stage (summed over cases and threads; {} in {} wall):",
             seconds(timings.total()),
             seconds(self.elapsed)
         );
@@ -168,6 +169,7 @@ impl Summary<'_> {
             "command": std::env::args().collect::<Vec<_>>(),
             "seed": o.seed,
             "shard": o.shard.to_string(),
+            "jobs": o.jobs,
             "kernels": o.kernels.names(),
             "mutant": o.mutant.map(|m| m.name()),
             "device": c.device(),

@@ -2,7 +2,8 @@
 //! sequence is a function of the seed and shard alone, shards are disjoint and together the whole
 //! sequence, the environment picks the shard, the mix reaches every trigger of ANCHORS.md, a
 //! planted bug ends in a shrunk corpus file that replays (failing with the bug, passing without),
-//! a failure found again is a duplicate, and Ctrl-C ends a campaign with its summary.
+//! a failure found again is a duplicate, Ctrl-C ends a campaign with its summary, and the number
+//! of worker threads changes neither the cases run nor their verdicts.
 //!
 //! Budget: a few seconds on two cores with lavapipe (the device runs use kv_append or a mutant
 //! caught within a few cases). The binary inherits `VKDECODE_DEVICE` and `VKDECODE_VALIDATION`.
@@ -13,7 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use vkdecode::cases::campaign::{
-    FuzzCase, Kernels, LONG_CACHE_MAX, Shard, case_sequence, draw, fuzz_case, runner_config,
+    Campaign, CampaignOptions, FuzzCase, Kernels, LONG_CACHE_MAX, Shard, ShrinkBudget, Step, case_sequence, draw,
+    fuzz_case, runner_config,
 };
 use vkdecode::cases::corpus::load_case;
 use vkdecode::cases::model::Dist;
@@ -326,4 +328,55 @@ fn an_interrupt_ends_the_campaign_with_its_summary() {
     let s = summary(Path::new(&json));
     assert_eq!(s["ended_by"], "interrupted");
     assert!(s["cases"].as_u64().is_some_and(|n| n > 0), "{s}");
+}
+
+/// What a campaign with `jobs` threads saw, case by case in the order it took them back:
+/// (index, global index, verdict), and its counts and coverage.
+fn verdicts_with(jobs: usize, cases: u64) -> (Vec<(u64, u64, String)>, serde_json::Value) {
+    let mutant = Mutant::parse("kv_append.truncate").unwrap_or_else(|e| panic!("{e}"));
+    let options = CampaignOptions {
+        seed: 11,
+        shard: Shard::new(1, 2).unwrap_or_else(|e| panic!("{e}")),
+        kernels: Kernels::ALL,
+        // Appends into 16-bit caches fail with it, the rest pass: both verdicts occur.
+        mutant: Some(mutant),
+        corpus: None,
+        shrink: ShrinkBudget::default(),
+        context: ContextOptions::from_env(),
+        jobs,
+        max_cases: Some(cases),
+        fail_fast: false,
+    };
+    let mut campaign = Campaign::new(options).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    loop {
+        let step = campaign.step().unwrap_or_else(|e| panic!("jobs {jobs}: {e}"));
+        let index = campaign.cases_run().saturating_sub(1);
+        let (global, verdict) = match step {
+            Step::Passed => (2 * index + 1, "passed".to_string()),
+            Step::Skipped(reason) => (2 * index + 1, format!("skipped: {reason}")),
+            Step::Failed(f) => {
+                assert_eq!(f.index, index, "jobs {jobs}: case {} handed back as case {index}", f.index);
+                (f.global_index, f.verdict.summary())
+            }
+            Step::Exhausted => break,
+        };
+        seen.push((index, global, verdict));
+    }
+    let stats = campaign.stats();
+    let counts = serde_json::json!({
+        "cases": stats.cases, "failed": stats.failed, "per_kernel": stats.per_kernel, "buckets": stats.buckets,
+    });
+    (seen, counts)
+}
+
+#[test]
+fn any_number_of_jobs_runs_the_same_cases_with_the_same_verdicts() {
+    let (one, one_counts) = verdicts_with(1, 24);
+    let (two, two_counts) = verdicts_with(2, 24);
+    assert_eq!(one.iter().map(|(i, _, _)| *i).collect::<Vec<_>>(), (0..24).collect::<Vec<_>>());
+    assert!(one.iter().any(|(_, _, v)| v == "passed"), "no case passed: {one:?}");
+    assert!(one.iter().any(|(_, _, v)| v != "passed"), "no case failed: {one:?}");
+    assert_eq!(one, two, "jobs 1 and jobs 2 differ");
+    assert_eq!(one_counts, two_counts);
 }

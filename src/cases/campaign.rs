@@ -10,6 +10,10 @@
 //!   tolerances; plain attention cases go through the stages one by one only to time them.
 //! - **Reproducible.** Case `i` of shard `K/N` is global case `K + i·N`, a pure function of the
 //!   seed and that index ([`draw`]); see [`shard`](self::Shard) for the sequence's guarantees.
+//! - **Parallel.** `jobs` worker threads draw, run and judge cases (most of a case's time is host
+//!   work: values, the reference, the comparison); the owner of the [`Campaign`] takes the
+//!   verdicts back in index order, counts them, and shrinks and records failures itself. How the
+//!   threads share the device, and why any number of jobs gives the same results: `workers.rs`.
 //! - **Verdicts.** A mismatch (or a validation-layer message) fails the case. So does a device or
 //!   driver error (device lost, any Vulkan error): the case is recorded as it was drawn (not
 //!   shrunk: a lost device makes every step slow and the loss may not be deterministic) and the
@@ -25,6 +29,7 @@
 mod mix;
 mod shard;
 mod stats;
+mod workers;
 
 pub use mix::{
     ADVERSARIAL_LENGTHS, CAMPAIGN_MAX_WORK, FuzzCase, Kernels, LONG_CACHE_MAX, LONG_CAPACITIES, SHARED_LIMITS,
@@ -34,9 +39,12 @@ pub use mix::{
 pub use shard::{JOB_INDEX_ENV, SHARD_COUNT_ENV, SHARD_ENV, Shard, case_seed, draw, runner_config};
 pub use stats::{Count, KernelCounts, Stats, Tally, Timings, buckets, kv_bucket};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proptest::strategy::{BoxedStrategy, ValueTree};
@@ -50,6 +58,7 @@ use super::run::{
 };
 use crate::gpu::{Context, ContextOptions, DeviceInfo, GpuError};
 use crate::kernels::{KernelError, Mutant};
+use workers::{Ran, Report, Shared};
 
 /// Bounds on shrinking one failure (each step is a device run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +87,12 @@ pub struct CampaignOptions {
     pub shrink: ShrinkBudget,
     /// The device (and validation layer), also used to reopen it after a device error.
     pub context: ContextOptions,
+    /// Worker threads that run cases (0 counts as 1).
+    pub jobs: usize,
+    /// Run at most this many cases (indices `0..max_cases` of the shard); `None`: no limit.
+    pub max_cases: Option<u64>,
+    /// The owner stops at the first failure: workers take no case past a failing one.
+    pub fail_fast: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +103,10 @@ pub enum CampaignError {
     Reopen(#[source] GpuError),
     #[error("case {index} (seed {seed}): the strategy drew no case: {reason}")]
     Draw { seed: u64, index: u64, reason: String },
+    #[error("cannot start a worker thread: {0}")]
+    Spawn(String),
+    #[error("a worker thread panicked{}; its message is above", index.map(|i| format!(" on case {i}")).unwrap_or_default())]
+    Worker { index: Option<u64> },
 }
 
 /// The verdict on one case.
@@ -146,17 +165,35 @@ fn classify(error: RunError) -> Verdict {
 /// Runs one case (with its forced split) on the device and judges it, adding each stage's time
 /// to `timings`. Validation-layer messages raised meanwhile fail it, as in `run_case`.
 pub fn run_fuzz_case(ctx: &Arc<Context>, fc: &FuzzCase, mutant: Option<Mutant>, timings: &mut Timings) -> Verdict {
-    let verdict = match &fc.case {
+    run_guarded(ctx, fc, mutant, timings, &Mutex::new(()))
+}
+
+/// [`run_fuzz_case`] with `exclusive` held, while the validation layer is on, from the case's
+/// first device call to the collection of its messages, so that the messages of cases run on
+/// other threads stay out of this one's verdict.
+fn run_guarded(
+    ctx: &Arc<Context>,
+    fc: &FuzzCase,
+    mutant: Option<Mutant>,
+    timings: &mut Timings,
+    exclusive: &Mutex<()>,
+) -> Verdict {
+    let exclusive = || ctx.validation_enabled().then(|| exclusive.lock().unwrap_or_else(PoisonError::into_inner));
+    let (verdict, messages) = match &fc.case {
         Case::Attention(case) if case.fused => {
             // The fused cache check lives inside `run_attention` only: run it whole.
+            let guard = exclusive();
             let start = Instant::now();
             let ran = run_attention(ctx, case, mutant.and_then(Mutant::attention));
+            let messages = ctx.take_validation_messages();
+            drop(guard);
             timings.fused += start.elapsed();
-            match ran {
+            let verdict = match ran {
                 Err(e) => classify(e),
                 Ok((outcome, _)) if outcome.passed => Verdict::Pass,
                 Ok((outcome, _)) => Verdict::Mismatch(Box::new(outcome)),
-            }
+            };
+            (verdict, messages)
         }
         Case::Attention(case) => {
             let start = Instant::now();
@@ -166,10 +203,13 @@ pub fn run_fuzz_case(ctx: &Arc<Context>, fc: &FuzzCase, mutant: Option<Mutant>, 
                 Ok(inputs) => inputs,
                 Err(e) => return Verdict::Skip(e.to_string()),
             };
+            let guard = exclusive();
             let start = Instant::now();
             let gpu = run_attention_inputs(ctx, &inputs, mutant.and_then(Mutant::attention));
+            let messages = ctx.take_validation_messages();
+            drop(guard);
             timings.device += start.elapsed();
-            match gpu {
+            let verdict = match gpu {
                 Err(e) => classify(e),
                 Ok(gpu) => {
                     let start = Instant::now();
@@ -180,20 +220,24 @@ pub fn run_fuzz_case(ctx: &Arc<Context>, fc: &FuzzCase, mutant: Option<Mutant>, 
                     timings.compare += start.elapsed();
                     if outcome.passed { Verdict::Pass } else { Verdict::Mismatch(Box::new(outcome)) }
                 }
-            }
+            };
+            (verdict, messages)
         }
         Case::KvAppend(case) => {
+            let guard = exclusive();
             let start = Instant::now();
             let ran = run_append(ctx, case, mutant.and_then(Mutant::append));
+            let messages = ctx.take_validation_messages();
+            drop(guard);
             timings.append += start.elapsed();
-            match ran {
+            let verdict = match ran {
                 Err(e) => classify(e),
                 Ok((outcome, _)) if outcome.passed => Verdict::Pass,
                 Ok((outcome, _)) => Verdict::Mismatch(Box::new(outcome)),
-            }
+            };
+            (verdict, messages)
         }
     };
-    let messages = ctx.take_validation_messages();
     if messages.is_empty() || matches!(verdict, Verdict::DeviceError { .. }) {
         return verdict;
     }
@@ -223,7 +267,6 @@ pub struct Failure {
     pub global_index: u64,
     pub case: FuzzCase,
     pub verdict: Verdict,
-    tree: Box<dyn ValueTree<Value = FuzzCase>>,
 }
 
 /// What one step of a campaign did.
@@ -231,7 +274,9 @@ pub enum Step {
     Passed,
     Skipped(String),
     Failed(Box<Failure>),
-    /// The shard's sequence is used up (past u64 indices; never in practice).
+    /// The shard's sequence is used up (past u64 indices; never in practice), or every case up
+    /// to [`CampaignOptions::max_cases`] (or to the failure fail-fast stops at) was taken, or the
+    /// workers were halted ([`Campaign::halt`]) and their last cases taken.
     Exhausted,
 }
 
@@ -270,12 +315,21 @@ pub struct Finding {
     pub case: Case,
 }
 
-/// A campaign on one device: draws this shard's cases in order, runs them, and records failures.
+/// A campaign on one device: runs this shard's cases on worker threads, takes their verdicts
+/// back in index order, and records failures.
 pub struct Campaign {
-    options: CampaignOptions,
+    shared: Arc<Shared>,
+    info: DeviceInfo,
+    /// On the owner's thread, to redraw a failing case's value tree for shrinking.
     strategy: BoxedStrategy<FuzzCase>,
     config: Config,
-    ctx: Arc<Context>,
+    workers: Vec<JoinHandle<()>>,
+    /// `None` before the workers start and after [`Campaign::finish`].
+    results: Option<Receiver<Report>>,
+    started: bool,
+    /// Reports that came in ahead of the next index.
+    pending: BTreeMap<u64, Report>,
+    /// The next index to hand out (= cases taken back).
     next: u64,
     stats: Stats,
     findings: Vec<Finding>,
@@ -289,12 +343,17 @@ impl Campaign {
     }
 
     /// A campaign on an open device (it is reopened from `options.context` after a device error).
+    /// The workers start with the first [`Campaign::next_step`].
     pub fn with_context(options: CampaignOptions, ctx: Arc<Context>) -> Campaign {
         Campaign {
             strategy: fuzz_case(options.kernels),
             config: runner_config(),
-            options,
-            ctx,
+            info: ctx.info().clone(),
+            shared: Arc::new(Shared::new(options, ctx)),
+            workers: Vec::new(),
+            results: None,
+            started: false,
+            pending: BTreeMap::new(),
             next: 0,
             stats: Stats::default(),
             findings: Vec::new(),
@@ -302,15 +361,17 @@ impl Campaign {
     }
 
     pub fn options(&self) -> &CampaignOptions {
-        &self.options
+        &self.shared.options
     }
 
+    /// The device the campaign opened (a reopened one is the same device).
     pub fn device(&self) -> &DeviceInfo {
-        self.ctx.info()
+        &self.info
     }
 
-    pub fn context(&self) -> &Arc<Context> {
-        &self.ctx
+    /// The device now open (reopened after a device error).
+    pub fn context(&self) -> Arc<Context> {
+        self.shared.device().1
     }
 
     pub fn stats(&self) -> &Stats {
@@ -321,38 +382,95 @@ impl Campaign {
         &self.findings
     }
 
-    /// Cases drawn so far.
-    pub fn cases_drawn(&self) -> u64 {
+    /// Cases taken back (and counted) so far: the shard's indices `0..cases_run()`.
+    pub fn cases_run(&self) -> u64 {
         self.next
     }
 
-    fn reopen(&mut self) -> Result<(), CampaignError> {
-        let ctx = Context::new(&self.options.context).map_err(CampaignError::Reopen)?;
-        self.ctx = Arc::new(ctx);
+    fn draw(&self, index: u64) -> Result<Box<dyn ValueTree<Value = FuzzCase>>, CampaignError> {
+        let seed = self.options().seed;
+        draw(&self.strategy, &self.config, seed, index).map_err(|reason| CampaignError::Draw { seed, index, reason })
+    }
+
+    fn start(&mut self) -> Result<(), CampaignError> {
+        if self.started {
+            return Ok(());
+        }
+        self.started = true;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for k in 0..self.options().jobs.max(1) {
+            let (shared, tx) = (Arc::clone(&self.shared), tx.clone());
+            let worker = std::thread::Builder::new()
+                .name(format!("fuzz-worker-{k}"))
+                .spawn(move || workers::work(&shared, tx))
+                .map_err(|e| CampaignError::Spawn(e.to_string()));
+            match worker {
+                Ok(handle) => self.workers.push(handle),
+                Err(e) => {
+                    self.finish();
+                    return Err(e);
+                }
+            }
+        }
+        self.results = Some(rx);
         Ok(())
     }
 
-    fn draw(&self, index: u64) -> Result<Box<dyn ValueTree<Value = FuzzCase>>, CampaignError> {
-        draw(&self.strategy, &self.config, self.options.seed, index).map_err(|reason| CampaignError::Draw {
-            seed: self.options.seed,
-            index,
-            reason,
-        })
+    /// The shard's next case, in index order, once a worker has run it; `Ok(None)` if it is not
+    /// done within `timeout`. The first call starts the workers. A device error has reopened the
+    /// device by the time its case is returned; if that failed, the error comes after the cases
+    /// before it.
+    pub fn next_step(&mut self, timeout: Duration) -> Result<Option<Step>, CampaignError> {
+        self.start()?;
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            if let Some(report) = self.pending.remove(&self.next) {
+                return self.take(report).map(Some);
+            }
+            if self.next >= self.shared.limit() {
+                return Ok(Some(Step::Exhausted));
+            }
+            let Some(results) = &self.results else {
+                return Ok(Some(Step::Exhausted));
+            };
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            match results.recv_timeout(left) {
+                Ok(report) => {
+                    self.pending.insert(report.index(), report);
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                // Every worker has ended without this index: they were halted.
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.finish();
+                    return match self.shared.take_fatal() {
+                        Some(e) => Err(e),
+                        None => Ok(Some(Step::Exhausted)),
+                    };
+                }
+            }
+        }
     }
 
-    /// Runs the shard's next case. A device error reopens the device before returning the
-    /// failure (an error only if that fails).
+    /// [`Campaign::next_step`] without a timeout.
     pub fn step(&mut self) -> Result<Step, CampaignError> {
-        let index = self.next;
-        let Some(global_index) = self.options.shard.global_index(index) else {
-            return Ok(Step::Exhausted);
-        };
-        let start = Instant::now();
-        let tree = self.draw(global_index)?;
-        let case = tree.current();
-        self.stats.time_s.generate += start.elapsed();
+        loop {
+            if let Some(step) = self.next_step(Duration::from_secs(60))? {
+                return Ok(step);
+            }
+        }
+    }
+
+    /// Counts the report of index `self.next`.
+    fn take(&mut self, report: Report) -> Result<Step, CampaignError> {
         self.next += 1;
-        let verdict = run_fuzz_case(&self.ctx, &case, self.options.mutant, &mut self.stats.time_s);
+        let Ran { index, global_index, case, verdict, timings } = match report {
+            Report::Exhausted { .. } => return Ok(Step::Exhausted),
+            Report::DrawFailed { global_index, reason, .. } => {
+                return Err(CampaignError::Draw { seed: self.options().seed, index: global_index, reason });
+            }
+            Report::Ran(ran) => *ran,
+        };
+        self.stats.time_s += timings;
         let tally = match &verdict {
             Verdict::Pass => Tally::Passed,
             Verdict::Skip(_) => Tally::Skipped,
@@ -364,27 +482,57 @@ impl Campaign {
             _ => None,
         };
         self.stats.tally(&case, tally, reason.as_deref());
-        match verdict {
-            Verdict::Pass => Ok(Step::Passed),
-            Verdict::Skip(reason) => Ok(Step::Skipped(reason)),
-            Verdict::DeviceError { .. } => {
-                self.reopen()?;
-                Ok(Step::Failed(Box::new(Failure { index, global_index, case, verdict, tree })))
+        Ok(match verdict {
+            Verdict::Pass => Step::Passed,
+            Verdict::Skip(reason) => Step::Skipped(reason),
+            Verdict::Mismatch(_) | Verdict::DeviceError { .. } => {
+                Step::Failed(Box::new(Failure { index, global_index, case, verdict }))
             }
-            Verdict::Mismatch(_) => Ok(Step::Failed(Box::new(Failure { index, global_index, case, verdict, tree }))),
+        })
+    }
+
+    /// Workers take no new case: [`Campaign::next_step`] hands back the cases they are running,
+    /// then [`Step::Exhausted`].
+    pub fn halt(&self) {
+        self.shared.halt();
+    }
+
+    /// Stops the workers once their current cases are done and waits for them. Cases they ran
+    /// past the last one taken back are dropped uncounted. Dropping the campaign does the same.
+    pub fn finish(&mut self) {
+        self.shared.halt();
+        // Workers notice a closed channel too.
+        self.results = None;
+        for worker in self.workers.drain(..) {
+            // A panic was turned into a fatal error by the worker's guard.
+            let _ = worker.join();
         }
+        self.pending.clear();
+    }
+
+    /// Runs one case on the owner's thread (shrinking), reopening the device after a device error.
+    fn run_here(&self, fc: &FuzzCase, timings: &mut Timings) -> Result<Verdict, CampaignError> {
+        let (epoch, ctx) = self.shared.device();
+        let verdict = run_guarded(&ctx, fc, self.options().mutant, timings, &self.shared.exclusive);
+        drop(ctx);
+        if matches!(verdict, Verdict::DeviceError { .. }) {
+            self.shared.reopen(epoch)?;
+        }
+        Ok(verdict)
     }
 
     /// Shrinks a failure (mismatches only), writes it to the corpus (when there is one) and
     /// returns the finding. `stop` cuts shrinking short; the smallest failing case so far is
     /// written then.
     pub fn record(&mut self, failure: Box<Failure>, stop: &AtomicBool) -> Result<&Finding, CampaignError> {
-        let Failure { index, global_index, case, verdict, mut tree } = *failure;
+        let Failure { index, global_index, case, verdict } = *failure;
         let original_detail = verdict.summary();
         let kind = if matches!(verdict, Verdict::DeviceError { .. }) { "device error" } else { "mismatch" };
         let (mut shrunk, mut final_verdict, shrink) = match verdict {
             Verdict::Mismatch(_) => {
                 let start = Instant::now();
+                // The case is a pure function of its index: its tree is drawn again here.
+                let mut tree = self.draw(global_index)?;
                 let shrunk = self.shrink(tree.as_mut(), case.clone(), verdict, stop);
                 self.stats.time_s.shrink += start.elapsed();
                 let (case, verdict, report) = shrunk?;
@@ -404,10 +552,7 @@ impl Campaign {
                 origin: shrunk.origin.clone(),
             };
             let mut scratch = Timings::default();
-            let verdict = run_fuzz_case(&self.ctx, &plain, self.options.mutant, &mut scratch);
-            if matches!(verdict, Verdict::DeviceError { .. }) {
-                self.reopen()?;
-            }
+            let verdict = self.run_here(&plain, &mut scratch)?;
             if let Verdict::Mismatch(_) = verdict {
                 (shrunk, final_verdict) = (plain, verdict);
             }
@@ -415,19 +560,19 @@ impl Campaign {
         }
         let detail = final_verdict.summary();
         let mut written = shrunk.case.clone();
-        let mutant = self.options.mutant.map(|m| format!(" with --mutant {}", m.name())).unwrap_or_default();
+        let mutant = self.options().mutant.map(|m| format!(" with --mutant {}", m.name())).unwrap_or_default();
         let description = format!(
             "vkdecode-fuzz finding ({}): {}. Found by `vkdecode-fuzz --seed {} --shard {}`{mutant} at case {index}.",
             shrunk.origin,
             clip(&final_verdict.first_line(), 200),
-            self.options.seed,
-            self.options.shard,
+            self.options().seed,
+            self.options().shard,
         );
         set_description(&mut written, description);
         let name = finding_name(&written);
         let kernel = written.kernel();
         let (mut file, mut duplicate, mut write_error) = (None, false, None);
-        if let Some(dir) = self.options.corpus.clone() {
+        if let Some(dir) = self.options().corpus.clone() {
             let start = Instant::now();
             match write_unique(&dir, &name, &written) {
                 Ok((path, dup)) => {
@@ -439,7 +584,7 @@ impl Campaign {
             self.stats.time_s.corpus += start.elapsed();
         }
         let reproducer = file.as_ref().map(|path| {
-            let mutant = self.options.mutant.map(|m| format!(" --mutant {}", m.name())).unwrap_or_default();
+            let mutant = self.options().mutant.map(|m| format!(" --mutant {}", m.name())).unwrap_or_default();
             format!("vkdecode replay {}{mutant}", shell_word(&path.display().to_string()))
         });
         self.findings.push(Finding {
@@ -469,7 +614,7 @@ impl Campaign {
         mut best_verdict: Verdict,
         stop: &AtomicBool,
     ) -> Result<(FuzzCase, Verdict, ShrinkReport), CampaignError> {
-        let budget = self.options.shrink;
+        let budget = self.options().shrink;
         let start = Instant::now();
         let (mut steps, mut accepted) = (0u32, 0u32);
         let mut ended_by = "done";
@@ -490,11 +635,9 @@ impl Campaign {
             }
             steps += 1;
             let candidate = tree.current();
-            let verdict = run_fuzz_case(&self.ctx, &candidate, self.options.mutant, &mut scratch);
-            if matches!(verdict, Verdict::DeviceError { .. }) {
-                // Not the failure being shrunk: reopen and treat the candidate as passing.
-                self.reopen()?;
-            }
+            // A device error is not the failure being shrunk: the device is reopened and the
+            // candidate counts as passing.
+            let verdict = self.run_here(&candidate, &mut scratch)?;
             if let Verdict::Mismatch(_) = verdict {
                 (best, best_verdict) = (candidate, verdict);
                 accepted += 1;
@@ -505,6 +648,12 @@ impl Campaign {
         }
         let report = ShrinkReport { steps, accepted, seconds: start.elapsed().as_secs_f64(), ended_by };
         Ok((best, best_verdict, report))
+    }
+}
+
+impl Drop for Campaign {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

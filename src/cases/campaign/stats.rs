@@ -78,6 +78,21 @@ impl Timings {
     }
 }
 
+impl std::ops::AddAssign for Timings {
+    fn add_assign(&mut self, other: Timings) {
+        let Timings { generate, materialize, reference, device, compare, append, fused, shrink, corpus } = other;
+        self.generate += generate;
+        self.materialize += materialize;
+        self.reference += reference;
+        self.device += device;
+        self.compare += compare;
+        self.append += append;
+        self.fused += fused;
+        self.shrink += shrink;
+        self.corpus += corpus;
+    }
+}
+
 impl Serialize for Timings {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
