@@ -22,6 +22,7 @@
 pub mod anchors;
 pub mod attention;
 pub mod bandwidth;
+pub mod decode;
 pub mod timing;
 pub mod upload;
 

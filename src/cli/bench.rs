@@ -38,6 +38,12 @@ enum BenchCommand {
     /// ggml's figure where ANCHORS.md has one)
     #[command(after_help = ATTENTION_HELP)]
     Attention(AttentionArgs),
+    /// Time whole Qwen3 decode steps at real shapes with random weights (µs/token, tokens/s,
+    /// per-kernel split, fraction of the weight-bandwidth roofline)
+    #[command(after_help = super::bench_decode::DECODE_HELP)]
+    Decode(super::bench_decode::DecodeArgs),
+    /// Measure the device's copy bandwidth (the roofline every figure is a fraction of)
+    Bandwidth(super::bench_decode::BandwidthArgs),
 }
 
 const ATTENTION_HELP: &str = "\
@@ -137,6 +143,8 @@ fn check_shape(spec: &str) -> Result<String, String> {
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<Finish> {
     match &args.command {
         BenchCommand::Attention(a) => run_attention(global, a),
+        BenchCommand::Decode(a) => super::bench_decode::run_decode(global, a),
+        BenchCommand::Bandwidth(a) => super::bench_decode::run_bandwidth(global, a),
     }
 }
 

@@ -7,6 +7,7 @@
 //! errors go to stderr.
 
 mod bench;
+mod bench_decode;
 mod check;
 mod devices;
 mod dump;

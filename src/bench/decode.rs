@@ -1,0 +1,124 @@
+//! Whole Qwen3 decode steps at real shapes: time per token on the GPU, split by kernel, and how
+//! close it comes to the weight-bandwidth roofline.
+//!
+//! Method: an [`Engine`] with random weights (generated on the GPU) decodes `warmup + steps`
+//! tokens starting at `context` cache positions (filled with random K/V, so long contexts need no
+//! prefill), with GPU timestamps around every stage. A step's GPU time is the sum of its stages
+//! (host gaps between submits excluded); the figures are order statistics over the timed steps,
+//! per-kernel times are medians summed over layers. Tokens/s on the host clock (submit to sampled
+//! id) is reported beside it.
+//!
+//! Roofline: a decode step must read every weight once (the embeddings only one row unless they
+//! are also the head), so `weight bytes / measured copy bandwidth` is the least time per token;
+//! the roofline fraction is that over the measured time. Bytes moved also count the K/V read
+//! (2 · layers · Hkv · D · element size · context).
+
+use std::collections::BTreeMap;
+
+use crate::engine::{Engine, EngineError, GenerateOptions};
+use crate::kernels::Dtype;
+
+use super::Stats;
+
+/// One context length of one model.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeMeasurement {
+    pub context: usize,
+    pub kv_dtype: Dtype,
+    /// GPU time per token over the timed steps.
+    pub per_token: Stats,
+    /// Host-clock tokens per second over the timed steps (includes submit and wait latency).
+    pub host_tokens_per_second: f64,
+    /// Median GPU µs per token of each stage kind (layers summed), largest first.
+    pub kernels_us: Vec<(String, f64)>,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+    /// Dispatches and barriers of one step.
+    pub dispatches: u32,
+    pub barriers: u32,
+}
+
+impl DecodeMeasurement {
+    pub fn tokens_per_second(&self) -> f64 {
+        1e9 / self.per_token.median_ns
+    }
+
+    /// Bytes read per token (weights + K/V) per second, GB/s.
+    pub fn achieved_gbps(&self) -> f64 {
+        (self.weight_bytes + self.kv_bytes) as f64 / self.per_token.median_ns
+    }
+
+    /// Least time per token (weights read once at `copy_gbps`) over the measured time.
+    pub fn roofline_fraction(&self, copy_gbps: f64) -> f64 {
+        (self.weight_bytes as f64 / copy_gbps) / self.per_token.median_ns
+    }
+}
+
+/// Times `steps` decode steps (after `warmup`) at `context` cached positions.
+pub fn measure_decode(
+    engine: &Engine,
+    context: usize,
+    kv_dtype: Dtype,
+    warmup: usize,
+    steps: usize,
+) -> Result<DecodeMeasurement, EngineError> {
+    if steps == 0 {
+        return Err(EngineError::Input("a decode benchmark needs at least one timed step".into()));
+    }
+    let options = GenerateOptions { kv_dtype, trace: true, start_position: context, ..Default::default() };
+    let generation = engine.generate(&[1], warmup + steps, &options, |_| {})?;
+    let mut per_step = vec![0.0; warmup + steps];
+    let mut kernels: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for e in &generation.trace {
+        per_step[e.step] += e.dur_us * 1e3;
+        if e.step >= warmup {
+            let kind = e.name.split_once('.').map_or(e.name.as_str(), |(layer, rest)| {
+                if layer.starts_with('L') && layer[1..].chars().all(|c| c.is_ascii_digit()) { rest } else { &e.name }
+            });
+            let samples = kernels.entry(kind.to_string()).or_insert_with(|| vec![0.0; steps]);
+            samples[e.step - warmup] += e.dur_us;
+        }
+    }
+    let mut kernels_us: Vec<(String, f64)> =
+        kernels.into_iter().map(|(k, v)| (k, Stats::from_samples(&v).median_ns)).collect();
+    kernels_us.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let host: f64 = generation.step_seconds[warmup..].iter().sum();
+    let c = engine.config();
+    let kv_bytes = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_dtype.size() * context) as u64;
+    Ok(DecodeMeasurement {
+        context,
+        kv_dtype,
+        per_token: Stats::from_samples(&per_step[warmup..]),
+        host_tokens_per_second: steps as f64 / host,
+        kernels_us,
+        weight_bytes: engine.weights().bytes_per_token(),
+        kv_bytes,
+        dispatches: generation.counters.dispatches,
+        barriers: generation.counters.barriers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::Context;
+    use crate::model::Qwen3Config;
+
+    #[test]
+    fn a_tiny_model_gives_consistent_figures() {
+        let ctx = Context::shared().expect("a Vulkan device");
+        let mut config = Qwen3Config::preset("qwen3-0.6b").expect("preset");
+        (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) = (512, 64, 128, 2);
+        let engine = Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights");
+        let m = measure_decode(&engine, 100, Dtype::F16, 1, 3).expect("measure");
+        assert_eq!(m.per_token.samples, 3);
+        assert!(m.per_token.median_ns > 0.0 && m.tokens_per_second() > 0.0);
+        assert_eq!(m.kv_bytes, 2 * 2 * 8 * 128 * 2 * 100);
+        // Every stage kind appears once, layers summed: embed, 6 per layer, norm_lm_head, argmax.
+        let kinds: Vec<&str> = m.kernels_us.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds.len(), 9, "{kinds:?}");
+        assert!(kinds.contains(&"attention") && kinds.contains(&"norm_gate_up_swiglu"), "{kinds:?}");
+        let sum: f64 = m.kernels_us.iter().map(|(_, v)| v).sum();
+        assert!(sum > 0.0);
+    }
+}
