@@ -2,7 +2,9 @@
 // Greedy sampling on the GPU, in two dispatches. Pass 0 (one workgroup per BLOCK logits) writes
 // each block's best (value, index); pass 1 (one workgroup) reduces those, then advances the
 // decode state for the next step: state = [seq_len, token, prompt_len, sampled]. The next input
-// token is the next prompt token while the prompt lasts, else the sampled one. The order is
+// token is the next prompt token while the prompt lasts, else the sampled one, which is also
+// written to `ids` (the prompt buffer, which so becomes the input id of every position: the host
+// reads the sampled ids there, several steps at a time). The order is
 // torch.argmax's: the largest value, the lowest index among equals, NaN never wins (all NaN: 0).
 // Bindings and push constants mirror src/engine/kernels.rs.
 
@@ -16,12 +18,12 @@ layout(local_size_x = 256) in;
 layout(set = 0, binding = 0) readonly buffer Logits { float logits[]; };
 layout(set = 0, binding = 1) buffer Partial { uvec2 partial[]; };   // (value bits, index)
 layout(set = 0, binding = 2) buffer State { uint state[]; };
-layout(set = 0, binding = 3) readonly buffer Prompt { uint prompt[]; };
+layout(set = 0, binding = 3) buffer Ids { uint ids[]; };   // [capacity]: prompt, then sampled ids
 
 layout(push_constant) uniform Push {
     uint n;        // logits (pass 0) or blocks (pass 1)
     uint pass_id;
-    uint capacity; // prompt buffer entries
+    uint capacity; // ids entries
 };
 
 shared float best_v[WG];
@@ -71,7 +73,10 @@ void main() {
     uint sampled = best_i[0] == NONE ? 0u : best_i[0];
     uint next = state[0];                    // position of the next step's token
     uint prompt_len = min(state[2], capacity);
-    state[1] = next < prompt_len ? prompt[next] : sampled;
+    uint token = sampled;
+    if (next < prompt_len) token = ids[next];
+    else if (next < capacity) ids[next] = sampled;
+    state[1] = token;
     state[3] = sampled;
     state[0] = next + 1u;
 }

@@ -185,7 +185,7 @@ fn a_token_costs_one_submit_one_wait_no_copies() {
     let options = GenerateOptions { trace: true, ..Fixture::options(Dtype::F16, None) };
     let out = f.engine.generate(&g.prompt[..4], 3, &options, |_| {}).expect("generate");
     let n = out.counters;
-    assert_eq!((n.submits, n.host_waits, n.copies, n.host_read_bytes), (1, 1, 0, 4), "{n:?}");
+    assert_eq!((n.tokens_per_submit, n.submits, n.host_waits, n.copies, n.host_read_bytes), (1, 1, 1, 0, 4), "{n:?}");
     // Per layer: norm+q/k/v, q/k-norm+RoPE, attention (split, and merge when the cache is split),
     // o, norm+gate/up+SwiGLU, down; around them: embed, final norm+LM head, argmax ×2. A barrier
     // after every stage (and between split and merge, and between the argmax passes).
@@ -221,4 +221,19 @@ fn bad_prompts_are_refused_with_the_reason() {
     assert!(e.contains("prompt token 1") && e.contains(&vocab.to_string()), "{e}");
     let e = err(&[1], 1 << 20);
     assert!(e.contains("max_position_embeddings"), "{e}");
+}
+
+#[test]
+fn several_tokens_per_submit_give_the_same_tokens() {
+    let f = fixture("trained-bytes");
+    let g = &f.golden;
+    let _guard = f.lock.lock().unwrap_or_else(|e| e.into_inner());
+    // 5 does not divide the 152 steps: the last submit runs past the end.
+    let options = GenerateOptions { tokens_per_submit: 5, ..Fixture::options(Dtype::F32, None) };
+    let out = f.engine.generate(&g.prompt, g.generated.len(), &options, |_| {}).expect("generate");
+    assert_eq!(out.generated_ids, g.generated, "greedy tokens with 5 tokens per submit");
+    let n = out.counters;
+    assert_eq!((n.tokens_per_submit, n.submits, n.host_waits, n.copies, n.host_read_bytes), (5, 1, 1, 0, 20), "{n:?}");
+    assert_eq!(out.step_seconds.len(), g.prompt.len() - 1 + g.generated.len());
+    assert_no_validation_messages("tokens per submit");
 }

@@ -29,6 +29,7 @@ pub struct DecodeMeasurement {
     pub per_token: Stats,
     /// Host-clock tokens per second over the timed steps (includes submit and wait latency).
     pub host_tokens_per_second: f64,
+    pub tokens_per_submit: usize,
     /// Median GPU µs per token of each stage kind (layers summed), largest first.
     pub kernels_us: Vec<(String, f64)>,
     pub weight_bytes: u64,
@@ -61,11 +62,13 @@ pub fn measure_decode(
     kv_dtype: Dtype,
     warmup: usize,
     steps: usize,
+    tokens_per_submit: usize,
 ) -> Result<DecodeMeasurement, EngineError> {
     if steps == 0 {
         return Err(EngineError::Input("a decode benchmark needs at least one timed step".into()));
     }
-    let options = GenerateOptions { kv_dtype, trace: true, start_position: context, ..Default::default() };
+    let options =
+        GenerateOptions { kv_dtype, trace: true, start_position: context, tokens_per_submit, ..Default::default() };
     let generation = engine.generate(&[1], warmup + steps, &options, |_| {})?;
     let mut per_step = vec![0.0; warmup + steps];
     let mut kernels: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -90,6 +93,7 @@ pub fn measure_decode(
         kv_dtype,
         per_token: Stats::from_samples(&per_step[warmup..]),
         host_tokens_per_second: steps as f64 / host,
+        tokens_per_submit,
         kernels_us,
         weight_bytes: engine.weights().bytes_per_token(),
         kv_bytes,
@@ -110,7 +114,7 @@ mod tests {
         let mut config = Qwen3Config::preset("qwen3-0.6b").expect("preset");
         (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) = (512, 64, 128, 2);
         let engine = Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights");
-        let m = measure_decode(&engine, 100, Dtype::F16, 1, 3).expect("measure");
+        let m = measure_decode(&engine, 100, Dtype::F16, 1, 3, 2).expect("measure");
         assert_eq!(m.per_token.samples, 3);
         assert!(m.per_token.median_ns > 0.0 && m.tokens_per_second() > 0.0);
         assert_eq!(m.kv_bytes, 2 * 2 * 8 * 128 * 2 * 100);

@@ -65,6 +65,9 @@ pub struct DecodeArgs {
     /// Untimed warm-up steps per context
     #[arg(long, value_name = "W", default_value_t = 4)]
     warmup: u32,
+    /// Decode steps per queue submit (host overhead is paid once per submit)
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tokens_per_submit: u32,
     /// Print one JSON object instead of the table
     #[arg(long)]
     json: bool,
@@ -161,8 +164,15 @@ pub fn run_decode(global: &Global, args: &DecodeArgs) -> anyhow::Result<Finish> 
         let engine = Engine::random(&ctx, config.clone(), weights_dtype, 1)
             .map_err(|e| anyhow::anyhow!("{name}: random weights: {e}"))?;
         for &context in &args.contexts {
-            let m = measure_decode(&engine, context, kv_dtype, args.warmup as usize, args.steps as usize)
-                .map_err(|e| anyhow::anyhow!("{name} at context {context}: {e}"))?;
+            let m = measure_decode(
+                &engine,
+                context,
+                kv_dtype,
+                args.warmup as usize,
+                args.steps as usize,
+                args.tokens_per_submit as usize,
+            )
+            .map_err(|e| anyhow::anyhow!("{name} at context {context}: {e}"))?;
             if !args.json {
                 note(&format!(
                     "{name} ctx {context}: {} µs/token, {:.1}% of the weight roofline",
@@ -192,6 +202,7 @@ pub fn run_decode(global: &Global, args: &DecodeArgs) -> anyhow::Result<Finish> 
                     "per_token_ns": m.per_token,
                     "tokens_per_second": m.tokens_per_second(),
                     "host_tokens_per_second": m.host_tokens_per_second,
+                    "tokens_per_submit": m.tokens_per_submit,
                     "weight_bytes": m.weight_bytes,
                     "kv_bytes": m.kv_bytes,
                     "achieved_gbps": m.achieved_gbps(),
@@ -216,11 +227,12 @@ pub fn run_decode(global: &Global, args: &DecodeArgs) -> anyhow::Result<Finish> 
     let mut out = report::device_line(info, ctx.validation_enabled(), None);
     out.push_str(&format!(
         "; Vulkan {}\ncopy bandwidth: {} GB/s (copy kernel); weights {weights_dtype}, KV {kv_dtype}, batch 1; \
-         {} timed steps after {} warm-up\n",
+         {} timed steps after {} warm-up, {} per submit\n",
         info.api_version,
         num(copy_gbps),
         args.steps,
-        args.warmup
+        args.warmup,
+        args.tokens_per_submit
     ));
     let mut table = Table::new(&[
         ("model", Align::Left),

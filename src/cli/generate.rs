@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// Element type of the KV cache
     #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
     kv_dtype: DtypeArg,
+    /// Decode steps per queue submit (the host reads the sampled ids once per submit)
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tokens_per_submit: u32,
     /// Print one JSON object (ids, text, tokens/s, per-token counters) instead of the text
     #[arg(long)]
     json: bool,
@@ -169,7 +172,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
             "steps": generation.step_seconds.len(),
             "tokens_per_second": generation.tokens_per_second(),
             "weight_bytes_per_token": bytes_per_token,
-            "per_token": generation.counters,
+            "per_submit": generation.counters,
         });
         emit(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else {
@@ -178,11 +181,13 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         }
         let c = &generation.counters;
         note(&format!(
-            "{} tokens at {:.1} tokens/s on {} ({}); per token: {} submit, {} dispatches, {} barriers, {} copies, {} host wait",
+            "{} tokens at {:.1} tokens/s on {} ({}); per submit of {} token(s): {} submit, {} dispatches, {} barriers, \
+             {} copies, {} host wait",
             generation.generated_ids.len(),
             generation.tokens_per_second(),
             device.name,
             device.driver_info,
+            c.tokens_per_submit,
             c.submits,
             c.dispatches,
             c.barriers,

@@ -97,23 +97,35 @@ pub struct GenerateOptions {
     /// Benchmarks: start with this many cache positions already filled (with random values) and
     /// feed the prompt after them, to time long contexts without prefilling them.
     pub start_position: usize,
+    /// Decode steps recorded back to back in one command buffer (at least 1): one submit and one
+    /// host wait per this many tokens. The last submit may run past the requested tokens; what
+    /// it computes beyond them is discarded. `keep_logits` needs 1.
+    pub tokens_per_submit: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { kv_dtype: Dtype::F32, keep_logits: false, trace: false, mutant: None, start_position: 0 }
+        GenerateOptions {
+            kv_dtype: Dtype::F32,
+            keep_logits: false,
+            trace: false,
+            mutant: None,
+            start_position: 0,
+            tokens_per_submit: 1,
+        }
     }
 }
 
-/// What one decode step (one token) costs in API calls; the same for every step.
+/// What one submit of `tokens_per_submit` decode steps costs in API calls; the same every submit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StepCounters {
+    pub tokens_per_submit: u32,
     pub submits: u32,
     pub dispatches: u32,
     pub barriers: u32,
     pub copies: u32,
     pub host_waits: u32,
-    /// Bytes the host reads back (the sampled id; plus the logits with `keep_logits`).
+    /// Bytes the host reads back (the sampled ids; plus the logits with `keep_logits`).
     pub host_read_bytes: u64,
 }
 
@@ -125,7 +137,8 @@ pub struct Generation {
     /// With `keep_logits`: the logits after each step (row t predicts the token after position t).
     pub logits: Vec<Vec<f32>>,
     pub counters: StepCounters,
-    /// Wall time of each step (submit to sampled id on the host), in seconds.
+    /// Wall time of each step (submit to sampled id on the host; a submit of several steps is
+    /// shared equally among them), in seconds.
     pub step_seconds: Vec<f64>,
     /// With `trace`: one event per dispatch of every step.
     pub trace: Vec<TraceEvent>,
@@ -203,7 +216,15 @@ impl Engine {
             )));
         }
         let steps = prompt.len() - 1 + max_new_tokens.max(1);
-        let capacity = options.start_position + steps;
+        let per_submit = options.tokens_per_submit;
+        if per_submit == 0 || (options.keep_logits && per_submit != 1) {
+            return Err(EngineError::Input(format!(
+                "tokens_per_submit is {per_submit}; it must be at least 1 (exactly 1 when logits are kept)"
+            )));
+        }
+        let submits = steps.div_ceil(per_submit);
+        // One spare position: the last sampled id is written to the ids buffer too.
+        let capacity = options.start_position + submits * per_submit + 1;
         if capacity > c.max_position_embeddings {
             return Err(EngineError::Input(format!(
                 "the start position ({}), the prompt ({} tokens) and max_new_tokens ({max_new_tokens}) \
@@ -215,37 +236,51 @@ impl Engine {
         }
         let scratch = Scratch::new(self, prompt, capacity, options)?;
         let mut rec = Recorder::reusable(&self.ctx)?;
-        let labels = record_step(&mut rec, self, &scratch, options)?;
+        let mut labels = Vec::new();
+        for k in 0..per_submit {
+            if k > 0 {
+                rec.barrier(); // the next step's embedding reads the state this step's argmax wrote
+            }
+            let step_labels = record_step(&mut rec, self, &scratch, options, k == 0)?;
+            labels.extend(step_labels.into_iter().map(|l| (k, l)));
+        }
         let mut program = rec.finish()?;
         let recorded = program.counters();
 
         let mut out = Generation {
             prompt_ids: prompt.to_vec(),
             counters: StepCounters {
+                tokens_per_submit: per_submit as u32,
                 submits: 1,
                 dispatches: recorded.dispatches,
                 barriers: recorded.barriers,
                 copies: recorded.copies,
                 host_waits: 1,
-                host_read_bytes: 4 + if options.keep_logits { 4 * c.vocab_size as u64 } else { 0 },
+                host_read_bytes: 4 * per_submit as u64 + if options.keep_logits { 4 * c.vocab_size as u64 } else { 0 },
             },
             ..Generation::default()
         };
         let mut gpu_clock = 0.0;
-        for step in 0..steps {
+        let start_position = options.start_position;
+        for submit in 0..submits {
             let start = Instant::now();
             let completed = program.run()?;
-            let sampled = scratch.sampled()?;
-            out.step_seconds.push(start.elapsed().as_secs_f64());
+            // The id sampled at position p is the input id of position p + 1.
+            let first = submit * per_submit;
+            let sampled = scratch.ids(start_position + first + 1, per_submit)?;
+            let seconds = start.elapsed().as_secs_f64() / per_submit as f64;
             if options.keep_logits {
                 out.logits.push(scratch.logits()?);
             }
             if options.trace {
-                gpu_clock = trace::push_step(&mut out.trace, &labels, &completed.timestamps_ns, step, gpu_clock);
+                gpu_clock = trace::push_step(&mut out.trace, &labels, &completed.timestamps_ns, first, gpu_clock);
             }
-            if step + 1 >= prompt.len() {
-                out.generated_ids.push(sampled);
-                on_token(sampled);
+            for (k, &id) in sampled.iter().enumerate().take(steps - first) {
+                out.step_seconds.push(seconds);
+                if first + k + 1 >= prompt.len() {
+                    out.generated_ids.push(id);
+                    on_token(id);
+                }
             }
         }
         out.generated_ids.truncate(max_new_tokens);
@@ -259,11 +294,13 @@ impl Engine {
     }
 }
 
-/// The per-generation buffers: decode state, prompt, RoPE table, activations, KV cache.
+/// The per-generation buffers: decode state, ids (prompt, then sampled), RoPE table,
+/// activations, KV cache.
 struct Scratch {
     capacity: usize,
     state: Buffer,
-    prompt: Buffer,
+    /// u32 [capacity]: the input id of every position (the prompt, then what the argmax writes).
+    ids: Buffer,
     rope: Buffer,
     x: Buffer,
     h: Buffer,
@@ -324,7 +361,7 @@ impl Scratch {
         let mut prompt_words = vec![0; start];
         prompt_words.extend_from_slice(prompt);
         prompt_words.resize(capacity, 0);
-        let prompt_buffer = Buffer::with_bytes(ctx, "prompt", &crate::kernels::words(&prompt_words), Location::Upload)?;
+        let prompt_buffer = Buffer::with_bytes(ctx, "ids", &crate::kernels::words(&prompt_words), Location::Upload)?;
         let rope = Buffer::with_bytes(ctx, "rope", &rope_table(c.rope_theta, d, capacity), Location::Upload)?;
         let logits_location = if options.keep_logits { Location::Readback } else { Location::Device };
         let (k_cache, v_cache) = (cache("k")?, cache("v")?);
@@ -340,7 +377,7 @@ impl Scratch {
         Ok(Scratch {
             capacity,
             state,
-            prompt: prompt_buffer,
+            ids: prompt_buffer,
             rope,
             x: f32_buffer("x", c.hidden_size)?,
             h: f32_buffer("h", c.hidden_size)?,
@@ -364,9 +401,10 @@ impl Scratch {
         })
     }
 
-    fn sampled(&self) -> Result<u32, GpuError> {
-        let bytes = self.state.read()?;
-        Ok(u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")))
+    /// `n` input ids from position `first` (sampled ids, past the prompt).
+    fn ids(&self, first: usize, n: usize) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.ids.read_range(4 * first as u64, 4 * n as u64)?;
+        Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
     }
 
     fn logits(&self) -> Result<Vec<f32>, GpuError> {
@@ -395,6 +433,7 @@ fn record_step<'a>(
     engine: &'a Engine,
     s: &'a Scratch,
     options: &GenerateOptions,
+    first_in_buffer: bool,
 ) -> Result<Vec<String>, EngineError> {
     let ctx = &*engine.ctx;
     let c = &engine.config;
@@ -411,7 +450,7 @@ fn record_step<'a>(
         }
         Ok(())
     };
-    if options.trace {
+    if options.trace && first_in_buffer {
         rec.timestamp()?;
     }
 
@@ -503,7 +542,7 @@ fn record_step<'a>(
     normed_matvec(rec, &w.norm, vec![(w.lm_head().matrix(), &s.logits)], false, "norm+lm_head")?;
     mark(rec, "norm_lm_head".into())?;
     rec.barrier();
-    layers::argmax_advance(rec, ctx, &s.logits, c.vocab_size, &s.argmax_partial, &s.state, &s.prompt, s.capacity)?;
+    layers::argmax_advance(rec, ctx, &s.logits, c.vocab_size, &s.argmax_partial, &s.state, &s.ids, s.capacity)?;
     mark(rec, "argmax".into())?;
     Ok(labels)
 }

@@ -16,19 +16,20 @@ pub struct TraceEvent {
     pub dur_us: f64,
 }
 
-/// Appends the events of one step whose timestamps are `timestamps_ns` (the first taken before
-/// the first stage, one after each stage named in `labels`); returns the clock after the step.
+/// Appends the events of one submit whose timestamps are `timestamps_ns` (the first taken before
+/// the first stage, one after each stage named in `labels` with its step within the submit);
+/// `first_step` is the submit's first step. Returns the clock after the submit.
 pub fn push_step(
     events: &mut Vec<TraceEvent>,
-    labels: &[String],
+    labels: &[(usize, String)],
     timestamps_ns: &[f64],
-    step: usize,
+    first_step: usize,
     clock_us: f64,
 ) -> f64 {
-    for (label, pair) in labels.iter().zip(timestamps_ns.windows(2)) {
+    for ((k, label), pair) in labels.iter().zip(timestamps_ns.windows(2)) {
         events.push(TraceEvent {
             name: label.clone(),
-            step,
+            step: first_step + k,
             start_us: clock_us + pair[0] / 1e3,
             dur_us: (pair[1] - pair[0]) / 1e3,
         });
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn events_cover_each_stage_back_to_back() {
-        let labels = vec!["a".to_string(), "b".to_string()];
+        let labels = vec![(0, "a".to_string()), (0, "b".to_string())];
         let mut events = Vec::new();
         let clock = push_step(&mut events, &labels, &[0.0, 1000.0, 3000.0], 0, 0.0);
         let clock = push_step(&mut events, &labels, &[0.0, 500.0, 1500.0], 1, clock);

@@ -126,6 +126,24 @@ impl Buffer {
         Ok(mapped[..self.size as usize].to_vec())
     }
 
+    /// `len` bytes of the buffer from `offset` (host-visible buffers only).
+    pub fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mapped = self
+            .allocation
+            .as_ref()
+            .and_then(|a| a.mapped_slice())
+            .ok_or_else(|| GpuError::NotMapped { name: self.name.clone() })?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.size);
+        let Some(end) = end else {
+            return Err(GpuError::HostAccess {
+                name: self.name.clone(),
+                size: self.size,
+                requested: offset.saturating_add(len),
+            });
+        };
+        Ok(mapped[offset as usize..end as usize].to_vec())
+    }
+
     fn mapped_mut(&mut self) -> Result<&mut [u8]> {
         let name = &self.name;
         self.allocation
