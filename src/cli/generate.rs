@@ -127,8 +127,12 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
 
-    let options =
-        GenerateOptions { kv_dtype: args.kv_dtype.dtype(), trace: args.trace.is_some(), ..Default::default() };
+    let options = GenerateOptions {
+        kv_dtype: args.kv_dtype.dtype(),
+        trace: args.trace.is_some(),
+        tokens_per_submit: args.tokens_per_submit as usize,
+        ..Default::default()
+    };
     let stream_text = !args.json && byte_level(&config);
     if stream_text {
         emit(&String::from_utf8_lossy(&prompt.iter().map(|&t| t as u8).collect::<Vec<_>>()))?;
