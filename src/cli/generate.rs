@@ -1,6 +1,7 @@
 //! `vkdecode generate`: greedy Qwen3 decoding on the GPU, from a checkpoint directory or from
-//! random weights of a published shape. Text in and out needs a byte-level model (vocabulary of
-//! at most 256 ids, token = byte); other models take and print token ids.
+//! random weights of a published shape. Text in and out works with a byte-level model
+//! (vocabulary of at most 256 ids, token = byte) or, when built with the `tokenizer` feature,
+//! with a Hugging Face tokenizer.json; otherwise prompts are token ids and so is the output.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use vkdecode::engine::{Engine, GenerateOptions, Generation, trace};
 use vkdecode::kernels::Dtype;
+use vkdecode::model::tokenizer::TextTokenizer;
 use vkdecode::model::{Checkpoint, Qwen3Config};
 
 use super::{Finish, Global, emit, note};
@@ -21,8 +23,9 @@ queue submit and one host wait per token, no copies, and the host reads back onl
 token id. The prompt is fed one token per step. Greedy (arg-max) decoding only.
 
 Text: --prompt works with byte-level models (vocabulary of at most 256 ids, token = byte, as the
-trained-bytes fixture), and the continuation is printed as text; other models take --prompt-ids
-and print ids.
+trained-bytes fixture), or with --tokenizer tokenizer.json (needs a build with
+`--features tokenizer`); the continuation is printed as text. Otherwise give --prompt-ids; the
+output is then ids.
 
 Examples:
   vkdecode generate --model corpus/qwen3/trained-bytes --prompt 'The for statement' --max-new-tokens 64
@@ -45,9 +48,13 @@ pub struct GenerateArgs {
     /// Prompt token ids, comma-separated [default with --random-weights: 1]
     #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "prompt")]
     prompt_ids: Option<Vec<u32>>,
-    /// Prompt text (byte-level models: each UTF-8 byte is a token)
+    /// Prompt text (byte-level models: each UTF-8 byte is a token; others need --tokenizer)
     #[arg(long, value_name = "TEXT")]
     prompt: Option<String>,
+    /// A Hugging Face tokenizer.json for --prompt and the printed text (builds with the
+    /// `tokenizer` feature)
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
     /// Tokens to generate
     #[arg(long, value_name = "N", default_value_t = 32)]
     max_new_tokens: usize,
@@ -115,16 +122,18 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         (None, None) => bail!("give --model DIR or --random-weights SHAPE"),
     };
     let config = engine.config().clone();
-    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) if byte_level(&config) => text.bytes().map(u32::from).collect(),
-        (None, Some(_)) => bail!(
-            "--prompt needs a byte-level model (vocabulary of at most 256 ids); this one has {} ids: \
-             give --prompt-ids",
+    let tokenizer = args.tokenizer.as_deref().map(TextTokenizer::load).transpose()?;
+    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt, &tokenizer) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), Some(t)) => t.encode(text)?,
+        (None, Some(text), None) if byte_level(&config) => text.bytes().map(u32::from).collect(),
+        (None, Some(_), None) => bail!(
+            "--prompt needs a byte-level model (vocabulary of at most 256 ids) or --tokenizer FILE; this one \
+             has {} ids: give --prompt-ids or --tokenizer",
             config.vocab_size
         ),
-        (None, None) if args.random_weights.is_some() => vec![1],
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
+        (None, None, _) if args.random_weights.is_some() => vec![1],
+        (None, None, _) => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
 
     let options = GenerateOptions {
@@ -133,7 +142,9 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         tokens_per_submit: args.tokens_per_submit as usize,
         ..Default::default()
     };
-    let stream_text = !args.json && byte_level(&config);
+    // Text out: bytes of a byte-level model, or the tokenizer's decoding (printed at the end:
+    // a BPE token need not end on a character boundary).
+    let stream_text = !args.json && tokenizer.is_none() && byte_level(&config);
     if stream_text {
         emit(&String::from_utf8_lossy(&prompt.iter().map(|&t| t as u8).collect::<Vec<_>>()))?;
     }
@@ -154,6 +165,12 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
     if stream_text {
         emit(&format!("{}\n", String::from_utf8_lossy(&pending)))?;
     }
+    let decoded = match &tokenizer {
+        Some(t) => Some(t.decode(&generation.generated_ids)?),
+        None => byte_level(&config).then(|| {
+            String::from_utf8_lossy(&generation.generated_ids.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned()
+        }),
+    };
 
     if let Some(path) = &args.trace {
         trace::write(path, &generation.trace, &ctx.info().name)
@@ -163,16 +180,13 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
     let device = ctx.info();
     let bytes_per_token = engine.weights().bytes_per_token();
     if args.json {
-        let text = byte_level(&config).then(|| {
-            String::from_utf8_lossy(&generation.generated_ids.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned()
-        });
         let value = json!({
             "model": model_name,
             "device": { "name": device.name, "driver": device.driver_info, "api_version": device.api_version },
             "kv_dtype": args.kv_dtype.dtype().name(),
             "prompt_ids": generation.prompt_ids,
             "generated_ids": generation.generated_ids,
-            "text": text,
+            "text": decoded,
             "steps": generation.step_seconds.len(),
             "tokens_per_second": generation.tokens_per_second(),
             "weight_bytes_per_token": bytes_per_token,
@@ -180,8 +194,10 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         });
         emit(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else {
-        if !stream_text {
-            emit(&format!("{}\n", ids_text(&generation)))?;
+        match (&tokenizer, &decoded) {
+            (Some(_), Some(text)) => emit(&format!("{}{text}\n", args.prompt.as_deref().unwrap_or("")))?,
+            _ if !stream_text => emit(&format!("{}\n", ids_text(&generation)))?,
+            _ => {}
         }
         let c = &generation.counters;
         note(&format!(
