@@ -125,19 +125,42 @@ float load_x1(uint c, bool norm, bool count) {
     return v;
 }
 
-// The per-row dot products of rows row0.. of one weight buffer, into acc[base..].
-#define ROWS_DOT(WV, WS, base, count)                                                              \
-    if (vec) {                                                                              \
+// The per-row dot products of rows row0.. of one weight buffer, into acc[base..]. A single row
+// (long rows: few rows per workgroup) takes four chunks per iteration, loads first, so each
+// invocation keeps four weight loads in flight; several rows get that from the row loop.
+#define ROWS_DOT(WV, WS, base, count)                                                       \
+    if (vec && n_rows == 1u) {                                                              \
+        uint c = tid;                                                                       \
+        uint row_base = row0 * chunks;                                                      \
+        for (; c + 3u * WG < chunks; c += 4u * WG) {                                        \
+            uvec4 q0 = WV[row_base + c], q1 = WV[row_base + c + WG];                        \
+            uvec4 q2 = WV[row_base + c + 2u * WG], q3 = WV[row_base + c + 3u * WG];         \
+            vec4 xa, xb;                                                                    \
+            load_x(c, xa, xb, norm, count);                                                 \
+            float s = dot_chunk(q0, xa, xb);                                                \
+            load_x(c + WG, xa, xb, norm, count);                                            \
+            s += dot_chunk(q1, xa, xb);                                                     \
+            load_x(c + 2u * WG, xa, xb, norm, count);                                       \
+            s += dot_chunk(q2, xa, xb);                                                     \
+            load_x(c + 3u * WG, xa, xb, norm, count);                                       \
+            acc[base] += s + dot_chunk(q3, xa, xb);                                         \
+        }                                                                                   \
+        for (; c < chunks; c += WG) {                                                       \
+            vec4 xa, xb;                                                                    \
+            load_x(c, xa, xb, norm, count);                                                 \
+            acc[base] += dot_chunk(WV[row_base + c], xa, xb);                               \
+        }                                                                                   \
+    } else if (vec) {                                                                       \
         for (uint c = tid; c < chunks; c += WG) {                                           \
             vec4 xa, xb;                                                                    \
-            load_x(c, xa, xb, norm, count);                                                      \
+            load_x(c, xa, xb, norm, count);                                                 \
             [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {                                \
                 if (r < n_rows) acc[base + r] += dot_chunk(WV[(row0 + r) * chunks + c], xa, xb); \
             }                                                                               \
         }                                                                                   \
     } else {                                                                                \
         for (uint c = tid; c < cols; c += WG) {                                             \
-            float xc = load_x1(c, norm, count);                                                  \
+            float xc = load_x1(c, norm, count);                                             \
             [[unroll]] for (uint r = 0; r < MAX_ROWS; r++) {                                \
                 if (r < n_rows) acc[base + r] += kv_load(uint(WS[(row0 + r) * cols + c])) * xc; \
             }                                                                               \

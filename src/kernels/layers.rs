@@ -363,3 +363,166 @@ pub fn check_device(ctx: &Context, weights_16bit: bool) -> Result<(), ParamError
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The matvec against an f64 computation on the same (already rounded) inputs, in every path
+    //! of matvec.comp: one long row per workgroup (four chunks per iteration, plus the tail),
+    //! several rows, three matrices in one dispatch, scalar loads for rows that are not 16-byte
+    //! aligned, fused RMSNorm, SwiGLU, accumulation.
+    //!
+    //! Bound: an f32 sum of n products, in any order, is within γ = (n + 4)·u of the exact sum of
+    //! |terms| (n additions, the product and the norm-weight product); the fused norm's factor r
+    //! (a sum of n squares, then inversesqrt: Vulkan allows 2 ulp) carries (n/2 + 4)·u relative;
+    //! SwiGLU's exp and division add a few u relative, scaled by silu' ≤ 1.1 on the gate error.
+
+    use super::*;
+    use crate::cases::rng::Rng;
+    use crate::gpu::Location;
+    use crate::reference::dtype::{decode, encode};
+
+    const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    fn values(rng: &mut Rng, n: usize, lo: f64, hi: f64, dtype: Dtype) -> (Vec<u8>, Vec<f64>) {
+        let mut bytes = Vec::with_capacity(n * dtype.size());
+        let mut exact = Vec::with_capacity(n);
+        for _ in 0..n {
+            let bits = encode(dtype, (lo + (hi - lo) * rng.unit()) as f32);
+            bytes.extend_from_slice(&bits.to_le_bytes()[..dtype.size()]);
+            exact.push(f64::from(decode(dtype, bits)));
+        }
+        (bytes, exact)
+    }
+
+    struct Case {
+        rows: Vec<usize>,
+        cols: usize,
+        norm: bool,
+        swiglu: bool,
+        accumulate: bool,
+    }
+
+    fn check(dtype: Dtype, case: &Case, seed: u64) {
+        let ctx = Context::shared().expect("a Vulkan device");
+        let mut rng = Rng::new(seed);
+        let cols = case.cols;
+        let (x_bytes, x) = values(&mut rng, cols, -1.0, 1.0, Dtype::F32);
+        let (nw_bytes, nw) = values(&mut rng, cols, 0.5, 1.5, dtype);
+        let eps = 1e-6f32;
+        let mats: Vec<(Vec<u8>, Vec<f64>)> =
+            case.rows.iter().map(|&r| values(&mut rng, r * cols, -1.0, 1.0, dtype)).collect();
+        let inits: Vec<(Vec<u8>, Vec<f64>)> =
+            case.rows.iter().map(|&r| values(&mut rng, r, -1.0, 1.0, Dtype::F32)).collect();
+
+        let up = |name: &str, b: &[u8]| Buffer::with_bytes(&ctx, name, b, Location::Upload).expect("buffer");
+        let xb = up("x", &x_bytes);
+        let nwb = up("nw", &nw_bytes);
+        let wbs: Vec<Buffer> = mats.iter().map(|(b, _)| up("w", b)).collect();
+        let ybs: Vec<Buffer> =
+            inits.iter().map(|(b, _)| Buffer::with_bytes(&ctx, "y", b, Location::Readback).expect("buffer")).collect();
+        {
+            let mut rec = Recorder::new(&ctx).expect("recorder");
+            let outputs = case
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, &rows)| (Matrix { buffer: &wbs[i], dtype, rows, cols }, &ybs[i]))
+                .collect();
+            let call = MatvecCall {
+                x: &xb,
+                outputs,
+                norm: case.norm.then_some((Vector { buffer: &nwb, dtype, len: cols }, eps)),
+                accumulate: case.accumulate,
+                swiglu: case.swiglu,
+                mutant: None,
+            };
+            matvec(&mut rec, &ctx, &call, "test").expect("record");
+            rec.submit().expect("submit");
+        }
+
+        // f64 reference and bound per output row.
+        let (r, r_rel) = if case.norm {
+            let ss: f64 = x.iter().map(|v| v * v).sum();
+            (1.0 / (ss / cols as f64 + f64::from(eps)).sqrt(), (cols as f64 / 2.0 + 4.0) * U)
+        } else {
+            (1.0, 0.0)
+        };
+        let xin: Vec<f64> = x.iter().zip(&nw).map(|(a, w)| if case.norm { a * w } else { *a }).collect();
+        let gamma = (cols as f64 + 4.0) * U;
+        let dot = |w: &[f64], row: usize| -> (f64, f64) {
+            let terms = w[row * cols..][..cols].iter().zip(&xin).map(|(a, b)| a * b);
+            let (s, abs) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+            (r * s, r * (gamma * abs) + (r * s).abs() * r_rel)
+        };
+        let outputs = if case.swiglu { 1 } else { case.rows.len() };
+        for m in 0..outputs {
+            let got: Vec<f32> = ybs[m]
+                .read()
+                .expect("read")
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            for (row, &g) in got.iter().enumerate().take(case.rows[m]) {
+                let (mut want, mut bound) = dot(&mats[m].1, row);
+                if case.swiglu {
+                    let (u, ub) = dot(&mats[1].1, row);
+                    let silu = want / (1.0 + (-want).exp());
+                    bound = 1.1 * bound * u.abs() + silu.abs() * ub + (silu * u).abs() * 8.0 * U;
+                    want = silu * u;
+                }
+                if case.accumulate {
+                    want += inits[m].1[row];
+                    bound += want.abs() * U;
+                }
+                let err = (f64::from(g) - want).abs();
+                assert!(
+                    err <= bound,
+                    "{dtype} rows {:?} cols {cols} (norm {}, swiglu {}, acc {}): matrix {m} row {row}: got {g}, want {want}, error {err:.3e} > bound {bound:.3e}",
+                    case.rows,
+                    case.norm,
+                    case.swiglu,
+                    case.accumulate
+                );
+            }
+        }
+        assert!(ctx.take_validation_messages().is_empty(), "validation messages");
+    }
+
+    #[test]
+    fn matvec_matches_f64_in_every_path() {
+        let cases = [
+            // One row per workgroup: four chunks per iteration and a tail (1537 chunks of bf16).
+            Case { rows: vec![3], cols: 12296, norm: false, swiglu: false, accumulate: false },
+            Case { rows: vec![2], cols: 12296, norm: true, swiglu: false, accumulate: true },
+            // Three matrices in one dispatch, several rows each, fused norm.
+            Case { rows: vec![17, 5, 3], cols: 1024, norm: true, swiglu: false, accumulate: false },
+            // Rows that are not 16-byte aligned: scalar loads.
+            Case { rows: vec![6, 2], cols: 1002, norm: true, swiglu: false, accumulate: false },
+            // Gate/up + SwiGLU with the norm.
+            Case { rows: vec![9, 9], cols: 4096, norm: true, swiglu: true, accumulate: false },
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            for dtype in Dtype::ALL {
+                check(dtype, case, 100 + i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_before_recording() {
+        let ctx = Context::shared().expect("a Vulkan device");
+        let small = Buffer::new(&ctx, "small", 16, crate::gpu::Location::Device).expect("buffer");
+        let big = Buffer::new(&ctx, "big", 4096, crate::gpu::Location::Device).expect("buffer");
+        let mut rec = Recorder::new(&ctx).expect("recorder");
+        let w = Matrix { buffer: &big, dtype: Dtype::F32, rows: 4, cols: 64 };
+        let call =
+            |outputs, swiglu| MatvecCall { x: &small, outputs, norm: None, accumulate: false, swiglu, mutant: None };
+        let e = matvec(&mut rec, &ctx, &call(vec![(w, &big)], false), "t").unwrap_err().to_string();
+        assert!(e.contains("`x`"), "{e}");
+        let e = matvec(&mut rec, &ctx, &call(vec![(w, &big)], true), "t").unwrap_err().to_string();
+        assert!(e.contains("exactly 2 with swiglu"), "{e}");
+        let other = Matrix { cols: 32, ..w };
+        let e = matvec(&mut rec, &ctx, &call(vec![(w, &big), (other, &big)], false), "t").unwrap_err().to_string();
+        assert!(e.contains("matrix 1"), "{e}");
+    }
+}
