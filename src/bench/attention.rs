@@ -317,6 +317,23 @@ pub fn measure(
     config: &AttentionBenchConfig,
     on_submit: &mut dyn FnMut(),
 ) -> Result<AttentionMeasurement> {
+    measure_slowed(ctx, shape, mode, config, 0, on_submit)
+}
+
+/// [`measure`] with a deliberate slowdown, to prove that the throughput gate (`vkdecode gate
+/// --slow-down-attention K`) catches a slower kernel: every call records the attention call
+/// (split pass, and merge when split) `extra_passes` more times, each after a barrier and reading
+/// the next K/V copy of the rotation (so the extra passes are memory traffic, not cache hits,
+/// when there are several copies). Bytes counted stay those of one call, so the figures come out
+/// about (1 + `extra_passes`)× slower. `extra_passes` 0 is [`measure`].
+pub fn measure_slowed(
+    ctx: &Arc<Context>,
+    shape: &DecodeShape,
+    mode: Mode,
+    config: &AttentionBenchConfig,
+    extra_passes: u32,
+    on_submit: &mut dyn FnMut(),
+) -> Result<AttentionMeasurement> {
     let Plan { attention: p, append, seq_lens, starts } = plan(ctx, shape, mode, config)?;
 
     let cache_elements = p.layout.min_elements();
@@ -351,7 +368,7 @@ pub fn measure(
                 rec.barrier();
             }
             let fused = mode == Mode::Fused;
-            let bufs = AttentionBuffers {
+            let bufs = |k_cache, v_cache| AttentionBuffers {
                 q: &q,
                 seq_lens: &lens,
                 k_cache,
@@ -363,7 +380,12 @@ pub fn measure(
                 new_k: fused.then_some(&new_k),
                 new_v: fused.then_some(&new_v),
             };
-            attention::record(rec, ctx, &p, bufs, None)?;
+            attention::record(rec, ctx, &p, bufs(k_cache, v_cache), None)?;
+            for pass in 1..=u64::from(extra_passes) {
+                let c = ((call + pass) % copies as u64) as usize;
+                rec.barrier();
+                attention::record(rec, ctx, &p, bufs(&caches[2 * c], &caches[2 * c + 1]), None)?;
+            }
             Ok(())
         },
         on_submit,

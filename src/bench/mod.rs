@@ -23,6 +23,8 @@ pub mod anchors;
 pub mod attention;
 pub mod bandwidth;
 pub mod decode;
+pub mod gate;
+pub mod plot;
 pub mod timing;
 pub mod upload;
 

@@ -11,6 +11,7 @@ mod bench_decode;
 mod check;
 mod devices;
 mod dump;
+mod gate;
 mod generate;
 mod replay;
 mod report;
@@ -71,6 +72,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Greedy Qwen3 decoding on the GPU (a checkpoint directory or random weights of a real shape)
     Generate(generate::GenerateArgs),
+    /// Rerun the throughput set and compare it with a baseline of this device (exit 1 on a
+    /// regression beyond the tolerance and the noise)
+    #[command(after_help = gate::GATE_HELP)]
+    Gate(gate::GateArgs),
 }
 
 /// How a command that ran ended: every case as expected, or not.
@@ -93,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::Replay(args) => replay::run(&cli.global, args),
         Command::Bench(args) => bench::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
+        Command::Gate(args) => gate::run(&cli.global, args),
     };
     match result {
         Ok(Finish::AllAsExpected) => ExitCode::SUCCESS,
