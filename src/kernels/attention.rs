@@ -10,7 +10,7 @@
 //! kv head = h / (H / Hkv); f32 accumulation; output f32 like Q. Fully masked rows give 0 and
 //! positions past the query are never read.
 
-use crate::gpu::{Buffer, Context, PipelineDesc, Recorder};
+use crate::gpu::{Buffer, Context, DeviceInfo, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
@@ -18,18 +18,23 @@ use super::{
     invalid, words,
 };
 
-const PUSH_WORDS: usize = 16;
-/// Query heads × head dim one split workgroup holds (the shader's `Q_CAP`).
-const Q_CAP: usize = 1024;
-/// Query heads one split workgroup serves at most (the shader's `MAX_HPW`).
-const MAX_HEADS_PER_WORKGROUP: usize = 32;
+const PUSH_WORDS: usize = 15;
+/// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · head_dim ≤ this.
+const O_CAP: usize = 4096;
+/// Query-head × dim values one split invocation holds in registers for q and again for the
+/// accumulators (more spills on NVIDIA, whose limit is 255 registers per invocation).
+const LANE_VALUES: usize = 64;
+/// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
+const SPLIT_WG: usize = 128;
+/// Positions per row slot per step of the split pass (its loads are in flight together).
+const POSITIONS_PER_STEP: usize = 2;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
 /// Largest automatic chunk.
 pub const MAX_AUTO_CHUNK: usize = 1024;
 /// Split workgroups the automatic chunk size aims at.
-pub const TARGET_WORKGROUPS: usize = 1024;
+pub const TARGET_WORKGROUPS: usize = 512;
 /// Query tokens per sequence (speculative verification uses up to 8).
 pub const MAX_QUERIES: usize = 8;
 /// Query heads per kv head.
@@ -124,6 +129,24 @@ pub struct AttentionBuffers<'a> {
     pub new_v: Option<&'a Buffer>,
 }
 
+/// The split pass's layout (specialization constants 1..=6 and the grid's x extent), see
+/// `shaders/attention_split.comp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitLaunch {
+    /// Invocations sharing one K/V row: a power of two ≤ the device's subgroup size.
+    pub lanes: usize,
+    /// Runs of 8 dims each lane holds: head_dim ≤ 8 · lanes · runs_per_lane.
+    pub runs_per_lane: usize,
+    /// Query heads per workgroup, and blocks of them per kv head (the last may hold fewer).
+    pub heads: usize,
+    pub head_blocks: usize,
+    /// Positions each row slot loads per step.
+    pub positions_per_step: usize,
+    /// Every row starts 16-byte aligned, so rows are read with 16-byte loads.
+    pub vector_loads: bool,
+    pub workgroup_size: usize,
+}
+
 impl AttentionParams {
     /// Number of f32 values in Q (and in the output).
     pub fn q_elements(&self) -> usize {
@@ -135,16 +158,30 @@ impl AttentionParams {
         self.n_seqs * self.n_queries * self.n_kv_heads * self.head_dim
     }
 
-    /// Query heads each split workgroup serves: the largest divisor of the GQA ratio that fits
-    /// the shader's query block (heads·head_dim ≤ 1024, small enough that every invocation's
-    /// accumulators stay in registers), so a GQA group's K/V are read once for ratios up to 8 at
-    /// head_dim 128 and 4 at 256, and once per block of heads beyond that.
-    pub fn heads_per_workgroup(&self) -> usize {
+    /// How the split pass is laid out on `device` (its specialization constants and grid).
+    pub fn launch(&self, device: &DeviceInfo) -> SplitLaunch {
+        // A power of two ≤ the subgroup (Vulkan makes subgroups a power of two; guard anyway).
+        let subgroup = device.subgroup_size.clamp(1, 32) as usize;
+        let subgroup = 1 << subgroup.ilog2();
+        let runs = self.head_dim.div_ceil(8).max(1); // 16-byte runs of an f16 row
+        let lanes = runs.next_power_of_two().min(subgroup);
+        let runs_per_lane = runs.div_ceil(lanes);
+        let slots = (SPLIT_WG / lanes).min(O_CAP / self.head_dim.max(1)).max(1);
         let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
-        (1..=ratio.min(MAX_HEADS_PER_WORKGROUP))
-            .rev()
-            .find(|&h| ratio.is_multiple_of(h) && h * self.head_dim <= Q_CAP)
-            .unwrap_or(1)
+        let head_cap = (LANE_VALUES / (8 * runs_per_lane)).max(1);
+        let blocks = ratio.div_ceil(head_cap);
+        let elements_per_16b = 16 / self.dtype.size();
+        let l = &self.layout;
+        let vec = [l.stride_seq, l.stride_head, l.stride_pos].iter().all(|s| s.is_multiple_of(elements_per_16b));
+        SplitLaunch {
+            lanes,
+            runs_per_lane,
+            heads: ratio.div_ceil(blocks),
+            head_blocks: blocks,
+            positions_per_step: POSITIONS_PER_STEP,
+            vector_loads: vec,
+            workgroup_size: lanes * slots,
+        }
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
@@ -155,7 +192,7 @@ impl AttentionParams {
     pub fn split(&self) -> (usize, usize) {
         let capacity = self.layout.capacity.max(1);
         let chunk = self.split_chunk.unwrap_or_else(|| {
-            let others = (self.n_q_heads / self.heads_per_workgroup()) * self.n_seqs * self.n_queries;
+            let others = self.n_kv_heads * self.n_seqs * self.n_queries;
             let chunks = TARGET_WORKGROUPS.div_ceil(others.max(1)).max(4);
             capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK)
         });
@@ -223,9 +260,16 @@ impl AttentionParams {
         if q > u32::MAX as usize || (q * 4) as u64 > device.max_storage_buffer_range {
             return Err(invalid("n_seqs", format!("Q of {q} elements exceeds the device's buffer range")));
         }
+        if !device.subgroup_arithmetic {
+            return Err(invalid("device", format!("`{}` lacks subgroup operations in compute shaders", device.name)));
+        }
         let (_, chunks) = self.split();
-        if chunks > max_x {
-            return Err(invalid("split_chunk", format!("{chunks} chunks exceed the device's {max_x} workgroups")));
+        let blocks = self.launch(device).head_blocks;
+        if chunks * blocks > max_x {
+            return Err(invalid(
+                "split_chunk",
+                format!("{chunks} chunks × {blocks} head blocks exceed the device's {max_x} workgroups"),
+            ));
         }
         if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range
         {
@@ -311,7 +355,16 @@ pub fn record<'a>(
         (Dtype::Bf16, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
-    let spec = [(0, mutant_id)];
+    let launch = params.launch(ctx.info());
+    let spec = [
+        (0, mutant_id),
+        (1, launch.lanes as u32),
+        (2, launch.runs_per_lane as u32),
+        (3, launch.heads as u32),
+        (4, launch.positions_per_step as u32),
+        (5, u32::from(launch.vector_loads)),
+        (6, launch.workgroup_size as u32),
+    ];
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader, bindings: 10, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
@@ -331,7 +384,6 @@ pub fn record<'a>(
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
         u32::from(params.sinks),
-        params.heads_per_workgroup() as u32,
     ]);
     let buffers = [
         bufs.q,
@@ -345,8 +397,12 @@ pub fn record<'a>(
         new_k,
         new_v,
     ];
-    let head_blocks = params.n_q_heads / params.heads_per_workgroup();
-    let groups = [n_chunks as u32, head_blocks as u32, (params.n_seqs * params.n_queries) as u32];
+    // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
+    let groups = [
+        (n_chunks * launch.head_blocks) as u32,
+        params.n_kv_heads as u32,
+        (params.n_seqs * params.n_queries) as u32,
+    ];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
     if n_chunks == 1 {
         return Ok(());
