@@ -14,8 +14,11 @@
 // Layout: LANES invocations (a power of two dividing the subgroup, so a row never straddles a
 // subgroup) share one K/V row, each holding CPL runs of 8 dims (lane l: dims (c·LANES + l)·8 ..
 // +7), so a row is read with 16-byte loads, consecutive lanes on consecutive bytes. The workgroup
-// has SLOTS = WG / LANES such row slots. Each slot walks its own positions of the chunk (NP per
-// step, all loads of a step issued before any use) and keeps its own online softmax per head:
+// has SLOTS = WG / LANES such row slots. Each slot walks its own positions of the chunk, NP per
+// step; the loads of step i + 1 are issued before the arithmetic of step i (software pipelining,
+// so a workgroup pays memory latency about once, not once per step), and loads carry no branch
+// (positions past the range clamp to its last row and are zeroed). Each slot keeps its own online
+// softmax per head:
 //   scores: per-lane partial dots with q (held in registers), summed over the slot's lanes by a
 //           shuffle-xor butterfly, so every lane has every score; no shared memory, no barrier;
 //   softmax: running max m (finite floor), sum l, rescale alpha, per head, in every lane;
@@ -71,6 +74,11 @@ layout(local_size_x_id = 6) in;                  // WG = LANES · SLOTS
 const uint WG = gl_WorkGroupSize.x;
 const uint SLOTS = WG / LANES;
 const uint Q4 = CPL * 2;                         // vec4s per lane per row
+#if defined(VARIANT_F32)
+const uint WPR = 2;                              // 16-byte words per run of 8 elements
+#else
+const uint WPR = 1;
+#endif
 
 const uint FLAG_SINKS = 1u;
 
@@ -151,39 +159,8 @@ float v_elem(uint x) {
     return MUTANT == M_V_MISREAD ? kv_load_misread(x) : kv_load(x);
 }
 
-// 8 cache elements of K and of V from element e (a multiple of 8 when VEC).
-void load_cache8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
-    if (VEC) {
-#if defined(VARIANT_F32)
-        uint i = e / 4u;
-        bool in_k = i + 1u < k4.length();
-        bool in_v = i + 1u < v4.length();
-        uvec4 ka = in_k ? k4[i] : uvec4(0u), kb = in_k ? k4[i + 1u] : uvec4(0u);
-        uvec4 va = in_v ? v4[i] : uvec4(0u), vb = in_v ? v4[i + 1u] : uvec4(0u);
-        k0 = uintBitsToFloat(ka);
-        k1 = uintBitsToFloat(kb);
-        if (MUTANT == M_V_MISREAD) {
-            va &= 0xffff0000u;
-            vb &= 0xffff0000u;
-        }
-        v0 = uintBitsToFloat(va);
-        v1 = uintBitsToFloat(vb);
-#else
-        uint i = e / 8u;
-        uvec4 kw = i < k4.length() ? k4[i] : uvec4(0u);
-        uvec4 vw = i < v4.length() ? v4[i] : uvec4(0u);
-        k0 = vec4(kv_unpack2(kw.x), kv_unpack2(kw.y));
-        k1 = vec4(kv_unpack2(kw.z), kv_unpack2(kw.w));
-        if (MUTANT == M_V_MISREAD) {
-            v0 = vec4(kv_unpack2_misread(vw.x), kv_unpack2_misread(vw.y));
-            v1 = vec4(kv_unpack2_misread(vw.z), kv_unpack2_misread(vw.w));
-        } else {
-            v0 = vec4(kv_unpack2(vw.x), kv_unpack2(vw.y));
-            v1 = vec4(kv_unpack2(vw.z), kv_unpack2(vw.w));
-        }
-#endif
-        return;
-    }
+// 8 cache elements of K and of V from element e, one at a time (rows not 16-byte aligned).
+void load_scalar8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
     float kf[8], vf[8];
     [[unroll]] for (uint u = 0; u < 8u; ++u) {
         uint idx = e + u;
@@ -194,6 +171,156 @@ void load_cache8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
     k1 = vec4(kf[4], kf[5], kf[6], kf[7]);
     v0 = vec4(vf[0], vf[1], vf[2], vf[3]);
     v1 = vec4(vf[4], vf[5], vf[6], vf[7]);
+}
+
+// The 8 elements of a run of K and of V, held in WPR 16-byte words each (ka, kb; va, vb), widened.
+void widen8(uvec4 ka, uvec4 kb, uvec4 va, uvec4 vb, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+#if defined(VARIANT_F32)
+    k0 = uintBitsToFloat(ka);
+    k1 = uintBitsToFloat(kb);
+    if (MUTANT == M_V_MISREAD) {
+        va &= 0xffff0000u;
+        vb &= 0xffff0000u;
+    }
+    v0 = uintBitsToFloat(va);
+    v1 = uintBitsToFloat(vb);
+#else
+    uvec4 kw = ka, vw = va;
+    k0 = vec4(kv_unpack2(kw.x), kv_unpack2(kw.y));
+    k1 = vec4(kv_unpack2(kw.z), kv_unpack2(kw.w));
+    if (MUTANT == M_V_MISREAD) {
+        v0 = vec4(kv_unpack2_misread(vw.x), kv_unpack2_misread(vw.y));
+        v1 = vec4(kv_unpack2_misread(vw.z), kv_unpack2_misread(vw.w));
+    } else {
+        v0 = vec4(kv_unpack2(vw.x), kv_unpack2(vw.y));
+        v1 = vec4(kv_unpack2(vw.z), kv_unpack2(vw.w));
+    }
+#endif
+}
+
+// The running state of this invocation: its dims of each head's query and output accumulator,
+// and its slot's softmax max and sum per head.
+vec4 qv[HPW * Q4];   // [head][run][half]
+vec4 acc[HPW * Q4];
+float m_run[HPW];
+float l_run[HPW];
+
+// The 16-byte words of one step's K/V runs (the VEC cache path): those the step being computed
+// uses, and those of the next step, fetched before the current one is computed so that memory
+// latency overlaps the arithmetic.
+const uint NR = NP * CPL * WPR;
+uvec4 k_cur[NR];
+uvec4 v_cur[NR];
+uvec4 k_next[NR];
+uvec4 v_next[NR];
+
+// Every load reads a row in the attended range: invalid positions clamp to lim − 1 and idle
+// lanes to the row's last run; their values are zeroed before use, so the loads need no branch.
+uint clamped_row(uint base, uint n, uint lim, uint slot) {
+    return min(base + n * SLOTS + slot, lim - 1u);
+}
+
+// Issues the loads of the step at base into k_next/v_next.
+void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+    uint D = p.head_dim;
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        uint off = kv_base + clamped_row(base, n, lim, slot) * p.stride_pos;
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint dc = min((cr * LANES + lane) * 8u, D - 8u);
+            uint i = (off + dc) / (8u / WPR);   // 16-byte word of the run's first element
+            uint w = (n * CPL + cr) * WPR;
+            [[unroll]] for (uint u = 0; u < WPR; ++u) {
+                k_next[w + u] = i + u < k4.length() ? k4[i + u] : uvec4(0u);
+                v_next[w + u] = i + u < v4.length() ? v4[i + u] : uvec4(0u);
+            }
+        }
+    }
+}
+
+const uint FROM_WORDS = 0u;    // k_cur/v_cur (VEC cache rows)
+const uint FROM_SCALAR = 1u;   // cache rows one element at a time
+const uint FROM_NEW = 2u;      // the new tokens' inputs (fused)
+
+// One step of a slot: positions base + n·SLOTS + slot (n < NP), those below lim valid.
+void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, uint b, uint kvh, uint first_new) {
+    uint D = p.head_dim;
+    vec4 kf[NP * Q4];
+    vec4 vf[NP * Q4];
+    bool ok[NP];
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        ok[n] = base + n * SLOTS + slot < lim;
+        uint jc = clamped_row(base, n, lim, slot);
+        uint off = kv_base + jc * p.stride_pos;
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint dc = min((cr * LANES + lane) * 8u, D - 8u);
+            uint ri = n * Q4 + 2u * cr;
+            if (from == FROM_NEW) {   // uniform
+                uint nrow = ((b * p.n_queries + (jc - first_new)) * p.n_kv_heads + kvh) * D;
+                load_new8(nrow + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+            } else if (from == FROM_SCALAR) {
+                load_scalar8(off + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+            } else {
+                uint w = (n * CPL + cr) * WPR;
+                widen8(k_cur[w], k_cur[w + WPR - 1u], v_cur[w], v_cur[w + WPR - 1u], kf[ri], kf[ri + 1u], vf[ri],
+                       vf[ri + 1u]);
+            }
+        }
+    }
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint ri = n * Q4 + 2u * cr;
+            if (!ok[n] || (cr * LANES + lane) * 8u >= D) {
+                kf[ri] = vec4(0.0);
+                kf[ri + 1u] = vec4(0.0);
+                vf[ri] = vec4(0.0);
+                vf[ri + 1u] = vec4(0.0);
+            }
+        }
+    }
+
+    float s[NP * HPW];
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        [[unroll]] for (uint r = 0; r < HPW; ++r) {
+            float x = 0.0;
+            [[unroll]] for (uint i = 0; i < Q4; ++i) x += dot(qv[r * Q4 + i], kf[n * Q4 + i]);
+            s[n * HPW + r] = x;
+        }
+    }
+    [[unroll]] for (uint o = LANES / 2u; o > 0u; o /= 2u) {
+        [[unroll]] for (uint i = 0; i < NP * HPW; ++i) s[i] += subgroupShuffleXor(s[i], o);
+    }
+    [[unroll]] for (uint r = 0; r < HPW; ++r) {
+        float m_new = m_run[r];
+        [[unroll]] for (uint n = 0; n < NP; ++n) {
+            float x = s[n * HPW + r] * p.scale;
+            if (p.softcap > 0.0) x = p.softcap * tanh(x / p.softcap);
+            s[n * HPW + r] = x;
+            if (ok[n]) m_new = max(m_new, x);
+        }
+        float alpha = MUTANT == M_NO_MAX_SUBTRACT ? 1.0 : exp(m_run[r] - m_new);
+        float sum = 0.0;
+        [[unroll]] for (uint n = 0; n < NP; ++n) {
+            float x = s[n * HPW + r];
+            float e = ok[n] ? (MUTANT == M_NO_MAX_SUBTRACT ? exp(x) : exp(x - m_new)) : 0.0;
+            s[n * HPW + r] = e;
+            sum += e;
+        }
+        l_run[r] = l_run[r] * alpha + sum;
+        m_run[r] = m_new;
+        [[unroll]] for (uint i = 0; i < Q4; ++i) {
+            vec4 a = acc[r * Q4 + i] * alpha;
+            [[unroll]] for (uint n = 0; n < NP; ++n) a += s[n * HPW + r] * vf[n * Q4 + i];
+            acc[r * Q4 + i] = a;
+        }
+    }
+    if (MUTANT == M_F16_ACCUMULATE) {
+        // Rounded in integer arithmetic: drivers may fold unpack(pack(x)) to x (NVIDIA does).
+        [[unroll]] for (uint i = 0; i < HPW * Q4; ++i) {
+            uvec4 w = floatBitsToUint(acc[i]);
+            acc[i] = vec4(unpackHalf2x16(f32_to_f16_rne(w.x)).x, unpackHalf2x16(f32_to_f16_rne(w.y)).x,
+                          unpackHalf2x16(f32_to_f16_rne(w.z)).x, unpackHalf2x16(f32_to_f16_rne(w.w)).x);
+        }
+    }
 }
 
 void main() {
@@ -228,13 +355,9 @@ void main() {
     uint slot = gl_SubgroupID * (gl_SubgroupSize / LANES) + gl_SubgroupInvocationID / LANES;
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
-    vec4 qv[HPW * Q4];   // [head][run][half]: this lane's dims of each head's query
-    vec4 acc[HPW * Q4];
-    float m[HPW];
-    float l[HPW];
     [[unroll]] for (uint r = 0; r < HPW; ++r) {
-        m[r] = NEG_FLOOR;
-        l[r] = 0.0;
+        m_run[r] = NEG_FLOOR;
+        l_run[r] = 0.0;
         [[unroll]] for (uint i = 0; i < Q4; ++i) {
             uint d = ((i / 2u) * LANES + lane) * 8u + (i % 2u) * 4u;
             uint idx = (row0 + r) * D + d;
@@ -244,83 +367,29 @@ void main() {
         }
     }
 
+    // Cache rows first, then (fused) the new tokens' rows from the inputs; both loops uniform.
     uint kv_base = b * p.stride_seq + kvh * p.stride_head;
-    for (uint base = begin; base < end; base += SLOTS * NP) {   // uniform: shuffles below
-        vec4 kf[NP * Q4];
-        vec4 vf[NP * Q4];
-        bool ok[NP];
-        // All loads of the step first, so they are in flight together.
-        [[unroll]] for (uint n = 0; n < NP; ++n) {
-            uint j = base + n * SLOTS + slot;
-            ok[n] = j < end;
-            uint nrow = new_row(b, kvh, j, first_new);
-            uint off = kv_base + j * p.stride_pos;
-            [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
-                uint d = (cr * LANES + lane) * 8u;
-                vec4 k0 = vec4(0.0), k1 = vec4(0.0), v0 = vec4(0.0), v1 = vec4(0.0);
-                if (ok[n] && d < D) {
-                    if (nrow != NONE) {
-                        load_new8(nrow + d, k0, k1, v0, v1);
-                    } else {
-                        load_cache8(off + d, k0, k1, v0, v1);
-                    }
-                }
-                kf[n * Q4 + 2u * cr] = k0;
-                kf[n * Q4 + 2u * cr + 1u] = k1;
-                vf[n * Q4 + 2u * cr] = v0;
-                vf[n * Q4 + 2u * cr + 1u] = v1;
+    uint mid = FUSED_MODE && MUTANT != M_FUSED_READS_CACHE ? min(max(first_new, begin), end) : end;
+    if (VEC) {
+        if (begin < mid) fetch(begin, mid, kv_base, lane, slot);
+        for (uint base = begin; base < mid; base += SLOTS * NP) {
+            [[unroll]] for (uint i = 0; i < NR; ++i) {
+                k_cur[i] = k_next[i];
+                v_cur[i] = v_next[i];
             }
+            fetch(base + SLOTS * NP, mid, kv_base, lane, slot);   // past the end: re-reads row mid − 1
+            step(base, mid, FROM_WORDS, kv_base, lane, slot, b, kvh, first_new);
         }
-        float s[NP * HPW];
-        [[unroll]] for (uint n = 0; n < NP; ++n) {
-            [[unroll]] for (uint r = 0; r < HPW; ++r) {
-                float x = 0.0;
-                [[unroll]] for (uint i = 0; i < Q4; ++i) x += dot(qv[r * Q4 + i], kf[n * Q4 + i]);
-                s[n * HPW + r] = x;
-            }
-        }
-        [[unroll]] for (uint off = LANES / 2u; off > 0u; off /= 2u) {
-            [[unroll]] for (uint i = 0; i < NP * HPW; ++i) s[i] += subgroupShuffleXor(s[i], off);
-        }
-        [[unroll]] for (uint r = 0; r < HPW; ++r) {
-            float m_new = m[r];
-            [[unroll]] for (uint n = 0; n < NP; ++n) {
-                float x = s[n * HPW + r] * p.scale;
-                if (p.softcap > 0.0) x = p.softcap * tanh(x / p.softcap);
-                s[n * HPW + r] = x;
-                if (ok[n]) m_new = max(m_new, x);
-            }
-            float alpha = MUTANT == M_NO_MAX_SUBTRACT ? 1.0 : exp(m[r] - m_new);
-            float sum = 0.0;
-            [[unroll]] for (uint n = 0; n < NP; ++n) {
-                float x = s[n * HPW + r];
-                float e = ok[n] ? (MUTANT == M_NO_MAX_SUBTRACT ? exp(x) : exp(x - m_new)) : 0.0;
-                s[n * HPW + r] = e;
-                sum += e;
-            }
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
-            [[unroll]] for (uint i = 0; i < Q4; ++i) {
-                vec4 a = acc[r * Q4 + i] * alpha;
-                [[unroll]] for (uint n = 0; n < NP; ++n) a += s[n * HPW + r] * vf[n * Q4 + i];
-                acc[r * Q4 + i] = a;
-            }
-        }
-        if (MUTANT == M_F16_ACCUMULATE) {
-            // Rounded in integer arithmetic: drivers may fold unpack(pack(x)) to x (NVIDIA does).
-            [[unroll]] for (uint i = 0; i < HPW * Q4; ++i) {
-                uvec4 w = floatBitsToUint(acc[i]);
-                acc[i] = vec4(unpackHalf2x16(f32_to_f16_rne(w.x)).x, unpackHalf2x16(f32_to_f16_rne(w.y)).x,
-                              unpackHalf2x16(f32_to_f16_rne(w.z)).x, unpackHalf2x16(f32_to_f16_rne(w.w)).x);
-            }
-        }
+    } else {
+        for (uint base = begin; base < mid; base += SLOTS * NP) step(base, mid, FROM_SCALAR, kv_base, lane, slot, b, kvh, first_new);
     }
+    for (uint base = mid; base < end; base += SLOTS * NP) step(base, end, FROM_NEW, kv_base, lane, slot, b, kvh, first_new);
 
     // Combine the slots: publish each slot's (m, l) per head.
     if (lane == 0u && slot < SLOTS) {
         [[unroll]] for (uint r = 0; r < HPW; ++r) {
-            m_s[slot * HPW + r] = m[r];
-            l_s[slot * HPW + r] = l[r];
+            m_s[slot * HPW + r] = m_run[r];
+            l_s[slot * HPW + r] = l_run[r];
         }
     }
     barrier();
@@ -347,7 +416,7 @@ void main() {
     [[unroll]] for (uint r = 0; r < HPW; ++r) {
         float mx = NEG_FLOOR;
         for (uint sl = 0; sl < SLOTS; ++sl) mx = max(mx, m_s[sl * HPW + r]);
-        w[r] = exp(m[r] - mx);
+        w[r] = exp(m_run[r] - mx);
         if (tid == r) {
             float lsum = 0.0;
             for (uint sl = 0; sl < SLOTS; ++sl) lsum += l_s[sl * HPW + r] * exp(m_s[sl * HPW + r] - mx);
