@@ -1,17 +1,34 @@
 #version 450
 #extension GL_EXT_shader_16bit_storage : require
 #extension GL_EXT_control_flow_attributes : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
 // variants: f32 f16 bf16 f32_fused f16_fused bf16_fused
 //
-// Decode attention, pass 1 of 2 (split-K flash-decoding). One workgroup per (chunk, kv head ×
-// block of HPW query heads of its GQA group, query token × sequence): all query heads of the
-// block share each K/V element it reads, so with HPW = the GQA ratio every K/V element of a
-// chunk comes from memory once. Per tile of TILE positions:
-//   A. scores S[r][j] = scale·q_r·k_j (each invocation one position, up to RPT heads);
-//   B. online softmax per head row: running max m (finite floor), running sum l, rescale alpha;
-//   C. O[r][d] = alpha·O[r][d] + Σ_j P[r][j]·v_j[d] (each invocation up to ACC (r, d) outputs).
-// Each workgroup writes its partial (O, m, l) per head; attention_merge.comp combines chunks by
-// log-sum-exp. With a single chunk it writes the normalised output directly, sinks included.
+// Decode attention, pass 1 of 2 (split-K flash-decoding). One workgroup per (chunk × block of up
+// to HPW query heads of one GQA group, kv head, query token × sequence): the block's heads share
+// every K/V element the workgroup reads, so with HPW ≥ the GQA ratio each K/V element of a chunk
+// comes from memory once. Blocks of one chunk are adjacent in x, so with several blocks per kv
+// head the later reads of a K/V element tend to hit L2.
+//
+// Layout: LANES invocations (a power of two dividing the subgroup, so a row never straddles a
+// subgroup) share one K/V row, each holding CPL runs of 8 dims (lane l: dims (c·LANES + l)·8 ..
+// +7), so a row is read with 16-byte loads, consecutive lanes on consecutive bytes. The workgroup
+// has SLOTS = WG / LANES such row slots. Each slot walks its own positions of the chunk, NP per
+// step; the loads of step i + 1 are issued before the arithmetic of step i (software pipelining,
+// so a workgroup pays memory latency about once, not once per step), and loads carry no branch
+// (positions past the range clamp to its last row and are zeroed). Each slot keeps its own online
+// softmax per head:
+//   scores: per-lane partial dots with q (held in registers), summed over the slot's lanes by a
+//           shuffle-xor butterfly, so every lane has every score; no shared memory, no barrier;
+//   softmax: running max m (finite floor), sum l, rescale alpha, per head, in every lane;
+//   P·V:    acc[head][own dims] = alpha·acc + Σ p·v, with the V rows loaded beside the K rows.
+// At the end the slots' (acc, m, l) are combined by log-sum-exp through shared memory (the only
+// barriers), and the workgroup writes its partial (O, m, l) per head; attention_merge.comp
+// combines chunks. With a single chunk it writes the normalised output directly, sinks included.
+// LANES, CPL, HPW, NP and WG are specialization constants (src/kernels/attention.rs picks them
+// from the head dim, the GQA ratio and the device's subgroup size) so the loops unroll and the
+// per-lane arrays stay in registers.
 //
 // Positions past the query are never read, so garbage there cannot leak; a chunk with no visible
 // position writes (0, NEG_FLOOR, 0), and a row with none at all ends as 0. Options: sliding
@@ -34,17 +51,9 @@
 #endif
 #include "kv_types.glsl"
 
-const uint WG = 128;
-const uint TILE = 32;              // positions per tile
-const uint ROW_GROUPS = WG / TILE; // invocations sharing one position in phase A
-const uint MAX_HPW = 32;           // query heads per workgroup
-const uint RPT = MAX_HPW / ROW_GROUPS;
-const uint MAX_D = 256;
-const uint Q_CAP = 1024;           // HPW · head_dim, checked on the host (small: acc[] stays in registers)
-const uint ACC = Q_CAP / WG;       // (head, dim) outputs per invocation
-const float NEG_FLOOR = -3.0e38;   // finite: -inf would make exp(m - m_new) NaN on the first tile
-
-layout(local_size_x = 128) in;
+const float NEG_FLOOR = -3.0e38;   // finite: -inf would make exp(m - m_new) NaN on the first step
+const uint O_CAP = 4096;           // floats of the slot-combine buffer: SLOTS · head_dim ≤ this
+const uint ML_CAP = 1024;          // SLOTS · HPW ≤ this
 
 // Mutants (src/kernels/attention.rs): 0 none.
 layout(constant_id = 0) const uint MUTANT = 0;
@@ -55,6 +64,21 @@ const uint M_F16_ACCUMULATE = 4;
 const uint M_V_MISREAD = 5;
 const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots being written
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
+
+layout(constant_id = 1) const uint LANES = 16;   // invocations per K/V row (power of two)
+layout(constant_id = 2) const uint CPL = 1;      // runs of 8 dims per lane: head_dim ≤ 8·CPL·LANES
+layout(constant_id = 3) const uint HPW = 4;      // query heads per workgroup (block)
+layout(constant_id = 4) const uint NP = 2;       // positions per slot per step
+layout(constant_id = 5) const bool VEC = true;   // rows start 16-byte aligned: vector loads
+layout(local_size_x_id = 6) in;                  // WG = LANES · SLOTS
+const uint WG = gl_WorkGroupSize.x;
+const uint SLOTS = WG / LANES;
+const uint Q4 = CPL * 2;                         // vec4s per lane per row
+#if defined(VARIANT_F32)
+const uint WPR = 2;                              // 16-byte words per run of 8 elements
+#else
+const uint WPR = 1;
+#endif
 
 const uint FLAG_SINKS = 1u;
 
@@ -69,12 +93,11 @@ layout(push_constant) uniform Params {
     uint capacity;
     float scale;
     uint n_seqs;
-    uint chunk;      // positions per chunk, a multiple of 64
+    uint chunk;      // positions per chunk
     uint n_chunks;   // 1: write the output directly
     uint window;     // sliding window in positions; 0: none
     float softcap;   // 0: none
     uint flags;      // FLAG_SINKS
-    uint hpw;        // query heads per workgroup: divides the GQA ratio, hpw · head_dim <= Q_CAP
 } p;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -86,61 +109,236 @@ layout(std430, binding = 3) buffer VCache { KV_T v_cache[]; };
 layout(std430, binding = 2) readonly buffer KCache { KV_T k_cache[]; };
 layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
 #endif
+// The same caches seen as 16-byte words, for the wide loads.
+layout(std430, binding = 2) readonly buffer KCache4 { uvec4 k4[]; };
+layout(std430, binding = 3) readonly buffer VCache4 { uvec4 v4[]; };
 layout(std430, binding = 4) writeonly buffer Out { float o[]; };
 layout(std430, binding = 5) writeonly buffer PartialO { float part_o[]; };   // [row][chunk][D]
 layout(std430, binding = 6) writeonly buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
 layout(std430, binding = 7) readonly buffer Sinks { float sinks[]; };        // [n_q_heads]
 layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // [B][n_queries][Hkv][D] f32
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
+layout(std430, binding = 8) readonly buffer NewK4 { uvec4 new_k4[]; };
+layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
 
-shared float q_s[Q_CAP];            // [r][d]
-shared float p_s[MAX_HPW * TILE];   // scores, then weights: [r][j]
-shared float alpha_s[MAX_HPW];      // this tile's rescale per head row
+shared float o_s[O_CAP];     // [head of the round][slot][D]
+shared float m_s[ML_CAP];    // [slot][head]
+shared float l_s[ML_CAP];
+shared float mm_s[HPW];      // combined (m, l) per head
+shared float ll_s[HPW];
 
 #if defined(FUSED)
 const bool FUSED_MODE = true;
 #else
 const bool FUSED_MODE = false;
 #endif
+const uint NONE = 0xffffffffu;
 
-// Start of position j's new K/V row in new_k/new_v (fused mode, j >= first_new), else ~0u.
+// Start of position j's new K/V row in new_k/new_v (fused mode, j >= first_new), else NONE.
 uint new_row(uint b, uint kvh, uint j, uint first_new) {
-    if (!FUSED_MODE || j < first_new || MUTANT == M_FUSED_READS_CACHE) return 0xffffffffu;
+    if (!FUSED_MODE || j < first_new || MUTANT == M_FUSED_READS_CACHE) return NONE;
     return ((b * p.n_queries + (j - first_new)) * p.n_kv_heads + kvh) * p.head_dim;
 }
 
-float load_k(uint off, uint nrow, uint d) {
-    if (nrow != 0xffffffffu) {
-        uint idx = nrow + d;
-        return idx < new_k.length() ? kv_load(kv_store(new_k[idx], false)) : 0.0;
-    }
-    uint idx = off + d;
-    return idx < k_cache.length() ? kv_load(uint(k_cache[idx])) : 0.0;
+// 8 f32 inputs (bits) rounded as the cache stores them, then widened.
+vec4 round4(uvec4 w) {
+    return vec4(kv_load(kv_store(w.x, false)), kv_load(kv_store(w.y, false)), kv_load(kv_store(w.z, false)),
+                kv_load(kv_store(w.w, false)));
 }
 
-float load_v(uint off, uint nrow, uint d) {
-    if (nrow != 0xffffffffu) {
-        uint idx = nrow + d;
-        return idx < new_v.length() ? kv_load(kv_store(new_v[idx], false)) : 0.0;
+// 8 new-token elements from element e (a multiple of 4: head dims are multiples of 8).
+void load_new8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+    uint i = e / 4u;
+    k0 = i < new_k4.length() ? round4(new_k4[i]) : vec4(0.0);
+    k1 = i + 1u < new_k4.length() ? round4(new_k4[i + 1u]) : vec4(0.0);
+    v0 = i < new_v4.length() ? round4(new_v4[i]) : vec4(0.0);
+    v1 = i + 1u < new_v4.length() ? round4(new_v4[i + 1u]) : vec4(0.0);
+}
+
+float v_elem(uint x) {
+    return MUTANT == M_V_MISREAD ? kv_load_misread(x) : kv_load(x);
+}
+
+// 8 cache elements of K and of V from element e, one at a time (rows not 16-byte aligned).
+void load_scalar8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+    float kf[8], vf[8];
+    [[unroll]] for (uint u = 0; u < 8u; ++u) {
+        uint idx = e + u;
+        kf[u] = idx < k_cache.length() ? kv_load(uint(k_cache[idx])) : 0.0;
+        vf[u] = idx < v_cache.length() ? v_elem(uint(v_cache[idx])) : 0.0;
     }
-    uint idx = off + d;
-    if (idx >= v_cache.length()) return 0.0;
-    return MUTANT == M_V_MISREAD ? kv_load_misread(uint(v_cache[idx])) : kv_load(uint(v_cache[idx]));
+    k0 = vec4(kf[0], kf[1], kf[2], kf[3]);
+    k1 = vec4(kf[4], kf[5], kf[6], kf[7]);
+    v0 = vec4(vf[0], vf[1], vf[2], vf[3]);
+    v1 = vec4(vf[4], vf[5], vf[6], vf[7]);
+}
+
+// The 8 elements of a run of K and of V, held in WPR 16-byte words each (ka, kb; va, vb), widened.
+void widen8(uvec4 ka, uvec4 kb, uvec4 va, uvec4 vb, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+#if defined(VARIANT_F32)
+    k0 = uintBitsToFloat(ka);
+    k1 = uintBitsToFloat(kb);
+    if (MUTANT == M_V_MISREAD) {
+        va &= 0xffff0000u;
+        vb &= 0xffff0000u;
+    }
+    v0 = uintBitsToFloat(va);
+    v1 = uintBitsToFloat(vb);
+#else
+    uvec4 kw = ka, vw = va;
+    k0 = vec4(kv_unpack2(kw.x), kv_unpack2(kw.y));
+    k1 = vec4(kv_unpack2(kw.z), kv_unpack2(kw.w));
+    if (MUTANT == M_V_MISREAD) {
+        v0 = vec4(kv_unpack2_misread(vw.x), kv_unpack2_misread(vw.y));
+        v1 = vec4(kv_unpack2_misread(vw.z), kv_unpack2_misread(vw.w));
+    } else {
+        v0 = vec4(kv_unpack2(vw.x), kv_unpack2(vw.y));
+        v1 = vec4(kv_unpack2(vw.z), kv_unpack2(vw.w));
+    }
+#endif
+}
+
+// The running state of this invocation: its dims of each head's query and output accumulator,
+// and its slot's softmax max and sum per head.
+vec4 qv[HPW * Q4];   // [head][run][half]
+vec4 acc[HPW * Q4];
+float m_run[HPW];
+float l_run[HPW];
+
+// The 16-byte words of one step's K/V runs (the VEC cache path): those the step being computed
+// uses, and those of the next step, fetched before the current one is computed so that memory
+// latency overlaps the arithmetic.
+const uint NR = NP * CPL * WPR;
+uvec4 k_cur[NR];
+uvec4 v_cur[NR];
+uvec4 k_next[NR];
+uvec4 v_next[NR];
+
+// Every load reads a row in the attended range: invalid positions clamp to lim − 1 and idle
+// lanes to the row's last run; their values are zeroed before use, so the loads need no branch.
+uint clamped_row(uint base, uint n, uint lim, uint slot) {
+    return min(base + n * SLOTS + slot, lim - 1u);
+}
+
+// Issues the loads of the step at base into k_next/v_next.
+void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+    uint D = p.head_dim;
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        uint off = kv_base + clamped_row(base, n, lim, slot) * p.stride_pos;
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint dc = min((cr * LANES + lane) * 8u, D - 8u);
+            uint i = (off + dc) / (8u / WPR);   // 16-byte word of the run's first element
+            uint w = (n * CPL + cr) * WPR;
+            [[unroll]] for (uint u = 0; u < WPR; ++u) {
+                k_next[w + u] = i + u < k4.length() ? k4[i + u] : uvec4(0u);
+                v_next[w + u] = i + u < v4.length() ? v4[i + u] : uvec4(0u);
+            }
+        }
+    }
+}
+
+const uint FROM_WORDS = 0u;    // k_cur/v_cur (VEC cache rows)
+const uint FROM_SCALAR = 1u;   // cache rows one element at a time
+const uint FROM_NEW = 2u;      // the new tokens' inputs (fused)
+
+// One step of a slot: positions base + n·SLOTS + slot (n < NP), those below lim valid.
+void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, uint b, uint kvh, uint first_new) {
+    uint D = p.head_dim;
+    vec4 kf[NP * Q4];
+    vec4 vf[NP * Q4];
+    bool ok[NP];
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        ok[n] = base + n * SLOTS + slot < lim;
+        uint jc = clamped_row(base, n, lim, slot);
+        uint off = kv_base + jc * p.stride_pos;
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint dc = min((cr * LANES + lane) * 8u, D - 8u);
+            uint ri = n * Q4 + 2u * cr;
+            if (from == FROM_NEW) {   // uniform
+                uint nrow = ((b * p.n_queries + (jc - first_new)) * p.n_kv_heads + kvh) * D;
+                load_new8(nrow + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+            } else if (from == FROM_SCALAR) {
+                load_scalar8(off + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+            } else {
+                uint w = (n * CPL + cr) * WPR;
+                widen8(k_cur[w], k_cur[w + WPR - 1u], v_cur[w], v_cur[w + WPR - 1u], kf[ri], kf[ri + 1u], vf[ri],
+                       vf[ri + 1u]);
+            }
+        }
+    }
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
+            uint ri = n * Q4 + 2u * cr;
+            if (!ok[n] || (cr * LANES + lane) * 8u >= D) {
+                kf[ri] = vec4(0.0);
+                kf[ri + 1u] = vec4(0.0);
+                vf[ri] = vec4(0.0);
+                vf[ri + 1u] = vec4(0.0);
+            }
+        }
+    }
+
+    float s[NP * HPW];
+    [[unroll]] for (uint n = 0; n < NP; ++n) {
+        [[unroll]] for (uint r = 0; r < HPW; ++r) {
+            float x = 0.0;
+            [[unroll]] for (uint i = 0; i < Q4; ++i) x += dot(qv[r * Q4 + i], kf[n * Q4 + i]);
+            s[n * HPW + r] = x;
+        }
+    }
+    [[unroll]] for (uint o = LANES / 2u; o > 0u; o /= 2u) {
+        [[unroll]] for (uint i = 0; i < NP * HPW; ++i) s[i] += subgroupShuffleXor(s[i], o);
+    }
+    [[unroll]] for (uint r = 0; r < HPW; ++r) {
+        float m_new = m_run[r];
+        [[unroll]] for (uint n = 0; n < NP; ++n) {
+            float x = s[n * HPW + r] * p.scale;
+            if (p.softcap > 0.0) x = p.softcap * tanh(x / p.softcap);
+            s[n * HPW + r] = x;
+            if (ok[n]) m_new = max(m_new, x);
+        }
+        float alpha = MUTANT == M_NO_MAX_SUBTRACT ? 1.0 : exp(m_run[r] - m_new);
+        float sum = 0.0;
+        [[unroll]] for (uint n = 0; n < NP; ++n) {
+            float x = s[n * HPW + r];
+            float e = ok[n] ? (MUTANT == M_NO_MAX_SUBTRACT ? exp(x) : exp(x - m_new)) : 0.0;
+            s[n * HPW + r] = e;
+            sum += e;
+        }
+        l_run[r] = l_run[r] * alpha + sum;
+        m_run[r] = m_new;
+        [[unroll]] for (uint i = 0; i < Q4; ++i) {
+            vec4 a = acc[r * Q4 + i] * alpha;
+            [[unroll]] for (uint n = 0; n < NP; ++n) a += s[n * HPW + r] * vf[n * Q4 + i];
+            acc[r * Q4 + i] = a;
+        }
+    }
+    if (MUTANT == M_F16_ACCUMULATE) {
+        // Rounded in integer arithmetic: drivers may fold unpack(pack(x)) to x (NVIDIA does).
+        [[unroll]] for (uint i = 0; i < HPW * Q4; ++i) {
+            uvec4 w = floatBitsToUint(acc[i]);
+            acc[i] = vec4(unpackHalf2x16(f32_to_f16_rne(w.x)).x, unpackHalf2x16(f32_to_f16_rne(w.y)).x,
+                          unpackHalf2x16(f32_to_f16_rne(w.z)).x, unpackHalf2x16(f32_to_f16_rne(w.w)).x);
+        }
+    }
 }
 
 void main() {
-    uint c = gl_WorkGroupID.x;
+    uint tid = gl_LocalInvocationID.x;
+    uint D = p.head_dim;
+    uint ratio = max(p.n_q_heads / max(p.n_kv_heads, 1u), 1u);
+    uint blocks = (ratio + HPW - 1u) / HPW;       // head blocks per kv head
+    uint c = gl_WorkGroupID.x / blocks;
+    uint blk = gl_WorkGroupID.x % blocks;
+    uint g = gl_WorkGroupID.y;                    // kv head
     uint t = gl_WorkGroupID.z % p.n_queries;
     uint b = gl_WorkGroupID.z / p.n_queries;
-    uint tid = gl_LocalInvocationID.x;
-    uint D = min(p.head_dim, MAX_D);
-    uint hpw = clamp(p.hpw, 1u, MAX_HPW);
-    if (b >= p.n_seqs || b >= seq_lens.length() || hpw * D > Q_CAP) return;   // uniform
+    // Uniform: the host guarantees all of these; a violation writes nothing.
+    if (b >= p.n_seqs || b >= seq_lens.length() || g >= p.n_kv_heads || c >= p.n_chunks || D > 8u * CPL * LANES
+        || SLOTS * D > O_CAP || SLOTS * HPW > ML_CAP || gl_SubgroupSize < LANES) return;
 
-    uint ratio = max(p.n_q_heads / max(p.n_kv_heads, 1u), 1u);
-    uint blocks = max(ratio / hpw, 1u);           // head blocks per kv head
-    uint g = gl_WorkGroupID.y / blocks;           // kv head
-    uint h0 = g * ratio + (gl_WorkGroupID.y % blocks) * hpw;   // first query head of the block
+    uint nh = min(HPW, ratio - blk * HPW);         // heads of this block
+    uint h0 = g * ratio + blk * HPW;               // its first query head
     uint kvh = MUTANT == M_GQA_MODULO ? h0 % p.n_kv_heads : g;
 
     uint len = min(seq_lens[b], p.capacity);
@@ -152,126 +350,57 @@ void main() {
     uint end = min(n_valid, c * p.chunk + p.chunk + (MUTANT == M_CHUNK_OVERLAP ? 1u : 0u));
     uint first_new = len >= p.n_queries ? len - p.n_queries : 0u;   // host checks len >= n_queries
 
+    // Rows within a subgroup: lanes of one slot are LANES consecutive subgroup invocations.
+    uint lane = gl_SubgroupInvocationID % LANES;
+    uint slot = gl_SubgroupID * (gl_SubgroupSize / LANES) + gl_SubgroupInvocationID / LANES;
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
-    for (uint i = tid; i < hpw * D; i += WG) {
-        uint idx = row0 * p.head_dim + i;   // rows of consecutive heads are contiguous
-        q_s[i] = idx < q.length() ? q[idx] : 0.0;
+    [[unroll]] for (uint r = 0; r < HPW; ++r) {
+        m_run[r] = NEG_FLOOR;
+        l_run[r] = 0.0;
+        [[unroll]] for (uint i = 0; i < Q4; ++i) {
+            uint d = ((i / 2u) * LANES + lane) * 8u + (i % 2u) * 4u;
+            uint idx = (row0 + r) * D + d;
+            bool in_q = r < nh && d < D && idx + 3u < q.length();
+            qv[r * Q4 + i] = in_q ? vec4(q[idx], q[idx + 1u], q[idx + 2u], q[idx + 3u]) : vec4(0.0);
+            acc[r * Q4 + i] = vec4(0.0);
+        }
     }
-    // Phase B's running state lives with invocation r (< hpw) of the workgroup.
-    float m = NEG_FLOOR;
-    float l = 0.0;
-    float acc[ACC];
-    [[unroll]] for (uint i = 0; i < ACC; ++i) acc[i] = 0.0;
-    barrier();
 
+    // Cache rows first, then (fused) the new tokens' rows from the inputs; both loops uniform.
     uint kv_base = b * p.stride_seq + kvh * p.stride_head;
-    uint jj = tid % TILE;       // phase A: this invocation's position in the tile
-    uint rg = tid / TILE;       // phase A: its first head row; rows rg, rg + ROW_GROUPS, ...
-
-    for (uint base = begin; base < end; base += TILE) {
-        // A. scores for position base + jj against the block's heads.
-        uint j = base + jj;
-        float dots[RPT];
-        [[unroll]] for (uint k = 0; k < RPT; ++k) dots[k] = 0.0;
-        if (j < end) {
-            uint off = kv_base + j * p.stride_pos;
-            uint nrow = new_row(b, kvh, j, first_new);
-            if (nrow == 0xffffffffu && off + D <= k_cache.length()) {
-                // Fast path: a cache row in bounds; 8 independent loads in flight per step
-                // (head dims are multiples of 8).
-                for (uint d = 0; d < D; d += 8) {
-                    float kd[8];
-                    [[unroll]] for (uint u = 0; u < 8; ++u) kd[u] = kv_load(uint(k_cache[off + d + u]));
-                    [[unroll]] for (uint k = 0; k < RPT; ++k) {
-                        uint r = rg + k * ROW_GROUPS;
-                        if (r < hpw) {
-                            float acc_k = dots[k];
-                            [[unroll]] for (uint u = 0; u < 8; ++u) acc_k += q_s[r * D + d + u] * kd[u];
-                            dots[k] = acc_k;
-                        }
-                    }
-                }
-            } else {
-                for (uint d = 0; d < D; ++d) {
-                    float kd = load_k(off, nrow, d);
-                    [[unroll]] for (uint k = 0; k < RPT; ++k) {
-                        uint r = rg + k * ROW_GROUPS;
-                        if (r < hpw) dots[k] += q_s[r * D + d] * kd;
-                    }
-                }
+    uint mid = FUSED_MODE && MUTANT != M_FUSED_READS_CACHE ? min(max(first_new, begin), end) : end;
+    if (VEC) {
+        if (begin < mid) fetch(begin, mid, kv_base, lane, slot);
+        for (uint base = begin; base < mid; base += SLOTS * NP) {
+            [[unroll]] for (uint i = 0; i < NR; ++i) {
+                k_cur[i] = k_next[i];
+                v_cur[i] = v_next[i];
             }
+            fetch(base + SLOTS * NP, mid, kv_base, lane, slot);   // past the end: re-reads row mid − 1
+            step(base, mid, FROM_WORDS, kv_base, lane, slot, b, kvh, first_new);
         }
-        [[unroll]] for (uint k = 0; k < RPT; ++k) {
-            uint r = rg + k * ROW_GROUPS;
-            if (r < hpw) {
-                float s = NEG_FLOOR;
-                if (j < end) {
-                    s = dots[k] * p.scale;
-                    if (p.softcap > 0.0) s = p.softcap * tanh(s / p.softcap);
-                }
-                p_s[r * TILE + jj] = s;
-            }
-        }
-        barrier();
-
-        // B. online softmax, one invocation per head row.
-        uint n_tile = min(TILE, end - base);
-        if (tid < hpw) {
-            float tile_max = NEG_FLOOR;
-            for (uint i = 0; i < n_tile; ++i) tile_max = max(tile_max, p_s[tid * TILE + i]);
-            float m_new = max(m, tile_max);
-            float alpha = MUTANT == M_NO_MAX_SUBTRACT ? 1.0 : exp(m - m_new);
-            float sum = 0.0;
-            for (uint i = 0; i < TILE; ++i) {
-                float s = p_s[tid * TILE + i];
-                float e = i < n_tile ? (MUTANT == M_NO_MAX_SUBTRACT ? exp(s) : exp(s - m_new)) : 0.0;
-                p_s[tid * TILE + i] = e;
-                sum += e;
-            }
-            l = l * alpha + sum;
-            m = m_new;
-            alpha_s[tid] = alpha;
-        }
-        barrier();
-
-        // C. accumulate P·V; output i of this invocation is (head r, dim d) = divmod(tid + i·WG, D).
-        [[unroll]] for (uint i = 0; i < ACC; ++i) {
-            uint oi = tid + i * WG;
-            if (oi < hpw * D) acc[i] *= alpha_s[oi / D];
-        }
-        for (uint jt = 0; jt < n_tile; ++jt) {
-            uint jv = base + jt;
-            uint off = kv_base + jv * p.stride_pos;
-            uint nrow = new_row(b, kvh, jv, first_new);
-            [[unroll]] for (uint i = 0; i < ACC; ++i) {
-                uint oi = tid + i * WG;
-                if (oi < hpw * D) {
-                    uint r = oi / D;
-                    acc[i] += p_s[r * TILE + jt] * load_v(off, nrow, oi - r * D);
-                }
-            }
-        }
-        if (MUTANT == M_F16_ACCUMULATE) {
-            // Rounded in integer arithmetic: drivers may fold unpack(pack(x)) to x (NVIDIA does).
-            [[unroll]] for (uint i = 0; i < ACC; ++i) acc[i] = unpackHalf2x16(f32_to_f16_rne(floatBitsToUint(acc[i]))).x;
-        }
-        barrier();   // p_s and alpha_s are rewritten by the next tile
+    } else {
+        for (uint base = begin; base < mid; base += SLOTS * NP) step(base, mid, FROM_SCALAR, kv_base, lane, slot, b, kvh, first_new);
     }
+    for (uint base = mid; base < end; base += SLOTS * NP) step(base, end, FROM_NEW, kv_base, lane, slot, b, kvh, first_new);
 
-    // Publish each row's (m, l) to the whole workgroup through alpha_s/p_s.
-    if (tid < hpw) {
-        alpha_s[tid] = m;
-        p_s[tid] = l;
+    // Combine the slots: publish each slot's (m, l) per head.
+    if (lane == 0u && slot < SLOTS) {
+        [[unroll]] for (uint r = 0; r < HPW; ++r) {
+            m_s[slot * HPW + r] = m_run[r];
+            l_s[slot * HPW + r] = l_run[r];
+        }
     }
     barrier();
 
 #if defined(FUSED)
-    // Fused append, after this workgroup's reads: one workgroup per (sequence, token, kv head)
-    // writes the token's K/V, the one whose chunk holds the token (so the mutant that reads the
-    // slot instead of the input reads its own unwritten slot: poison, deterministically).
+    // Fused append, after this workgroup's reads (the barrier above): one workgroup per (sequence,
+    // token, kv head) writes the token's K/V, the one whose chunk holds the token (so the mutant
+    // that reads the slot instead of the input reads its own unwritten slot: poison,
+    // deterministically).
     uint own = min((first_new + t) / max(p.chunk, 1u), p.n_chunks - 1u);
-    if (c == own && gl_WorkGroupID.y % blocks == 0u && len >= p.n_queries) {
+    if (c == own && blk == 0u && len >= p.n_queries) {
         uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
         uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
         for (uint d = tid; d < D; d += WG) {
@@ -281,35 +410,71 @@ void main() {
     }
 #endif
 
-    if (p.n_chunks == 1u) {
-        [[unroll]] for (uint i = 0; i < ACC; ++i) {
-            uint oi = tid + i * WG;
-            if (oi >= hpw * D) continue;
-            uint r = oi / D;
-            float mr = alpha_s[r];
-            float lr = p_s[r];
-            float scale_o = 1.0;
-            uint h = h0 + r;
-            // The sink joins the denominator: rescale both to M = max(m, sink).
-            if ((p.flags & FLAG_SINKS) != 0u && lr > 0.0 && h < sinks.length()) {
-                float M = max(mr, sinks[h]);
-                scale_o = exp(mr - M);
-                lr = lr * scale_o + exp(sinks[h] - M);
-            }
-            uint idx = row0 * p.head_dim + oi;
-            if (idx < o.length()) o[idx] = lr > 0.0 ? acc[i] * scale_o / lr : 0.0;
+    // Each slot's weight exp(m_slot − M) per head, M the workgroup's max; one invocation per head
+    // also keeps the combined (M, L) for the output.
+    float w[HPW];
+    [[unroll]] for (uint r = 0; r < HPW; ++r) {
+        float mx = NEG_FLOOR;
+        for (uint sl = 0; sl < SLOTS; ++sl) mx = max(mx, m_s[sl * HPW + r]);
+        w[r] = exp(m_run[r] - mx);
+        if (tid == r) {
+            float lsum = 0.0;
+            for (uint sl = 0; sl < SLOTS; ++sl) lsum += l_s[sl * HPW + r] * exp(m_s[sl * HPW + r] - mx);
+            mm_s[r] = mx;
+            ll_s[r] = lsum;
         }
-        return;
     }
-    [[unroll]] for (uint i = 0; i < ACC; ++i) {
-        uint oi = tid + i * WG;
-        if (oi >= hpw * D) continue;
-        uint r = oi / D;
-        uint idx = ((row0 + r) * p.n_chunks + c) * p.head_dim + (oi - r * D);
-        if (idx < part_o.length()) part_o[idx] = acc[i];
+
+    // Sum the slots' weighted accumulators, HR heads per round of o_s.
+    uint hr_max = max(O_CAP / max(SLOTS * D, 1u), 1u);
+    [[unroll]] for (uint r = 0; r < HPW; ++r) {
+        uint rr = r % hr_max;
+        if (slot < SLOTS) {
+            [[unroll]] for (uint i = 0; i < Q4; ++i) {
+                uint d = ((i / 2u) * LANES + lane) * 8u + (i % 2u) * 4u;
+                if (d < D) {
+                    vec4 a = acc[r * Q4 + i] * w[r];
+                    uint at = (rr * SLOTS + slot) * D + d;
+                    o_s[at] = a.x;
+                    o_s[at + 1u] = a.y;
+                    o_s[at + 2u] = a.z;
+                    o_s[at + 3u] = a.w;
+                }
+            }
+        }
+        if (rr + 1u == hr_max || r + 1u == HPW) {   // uniform
+            barrier();
+            uint r_first = r - rr;
+            for (uint oi = tid; oi < (rr + 1u) * D; oi += WG) {
+                uint hr = oi / D;
+                uint d = oi - hr * D;
+                uint hh = r_first + hr;   // head within the block
+                if (hh >= nh) continue;
+                float sum = 0.0;
+                for (uint sl = 0; sl < SLOTS; ++sl) sum += o_s[(hr * SLOTS + sl) * D + d];
+                if (p.n_chunks == 1u) {
+                    float mr = mm_s[hh];
+                    float lr = ll_s[hh];
+                    float scale_o = 1.0;
+                    uint h = h0 + hh;
+                    // The sink joins the denominator: rescale both to M = max(m, sink).
+                    if ((p.flags & FLAG_SINKS) != 0u && lr > 0.0 && h < sinks.length()) {
+                        float M = max(mr, sinks[h]);
+                        scale_o = exp(mr - M);
+                        lr = lr * scale_o + exp(sinks[h] - M);
+                    }
+                    uint idx = (row0 + hh) * D + d;
+                    if (idx < o.length()) o[idx] = lr > 0.0 ? sum * scale_o / lr : 0.0;
+                } else {
+                    uint idx = ((row0 + hh) * p.n_chunks + c) * D + d;
+                    if (idx < part_o.length()) part_o[idx] = sum;
+                }
+            }
+            barrier();   // o_s is rewritten by the next round
+        }
     }
-    if (tid < hpw) {
+    if (p.n_chunks != 1u && tid < nh) {
         uint part = (row0 + tid) * p.n_chunks + c;
-        if (part < part_ml.length()) part_ml[part] = vec2(m, l);
+        if (part < part_ml.length()) part_ml[part] = vec2(mm_s[tid], ll_s[tid]);
     }
 }

@@ -92,3 +92,23 @@ uint kv_store(uint f32_bits, bool truncate) {
     return truncate ? f32_to_bf16_truncate(f32_bits) : f32_to_bf16_rne(f32_bits);
 #endif
 }
+
+// Wide loads: two 16-bit elements packed in one 32-bit word (the first in the low half),
+// widened exactly; and the mutant's type confusion of the same pair.
+#if !defined(VARIANT_F32)
+vec2 kv_unpack2(uint w) {
+#if defined(VARIANT_F16)
+    return unpackHalf2x16(w);
+#else
+    return vec2(uintBitsToFloat(w << 16), uintBitsToFloat(w & 0xffff0000u));
+#endif
+}
+
+vec2 kv_unpack2_misread(uint w) {
+#if defined(VARIANT_F16)
+    return vec2(uintBitsToFloat(w << 16), uintBitsToFloat(w & 0xffff0000u));
+#else
+    return unpackHalf2x16(w);
+#endif
+}
+#endif

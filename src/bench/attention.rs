@@ -456,12 +456,12 @@ mod tests {
     fn every_mode_times_on_the_device_with_the_expected_commands_per_call() {
         let ctx = Arc::new(Context::new(&crate::gpu::ContextOptions::from_env()).expect("a Vulkan device"));
         // 128 KiB of K+V (2 heads × 256 positions × 64 × 2 B, twice) and a 96 KiB "cache":
-        // two copies in rotation; kv 256 gives 4 split chunks.
+        // two copies in rotation; chunks of 64 give 4 split chunks (so the merge runs).
         let shape = DecodeShape::parse("h4:kv2:d64:len256:f16:q2", Dtype::F16).unwrap();
         let config = AttentionBenchConfig {
             timing: TimingConfig { iters: 3, repeats: 2, warmup: 1 },
             layout: LayoutKind::TokenMajor,
-            split_chunk: None,
+            split_chunk: Some(64),
             llc_bytes: 96 << 10,
         };
         for (mode, dispatches, barriers) in

@@ -1,6 +1,9 @@
-//! Decode attention, first version (correct before fast): split-K in two passes.
-//! `shaders/attention_split.comp` computes per-chunk partials (O, m, l) with an online softmax;
-//! `shaders/attention_merge.comp` merges them by log-sum-exp (skipped with one chunk).
+//! Decode attention: split-K in two passes. `shaders/attention_split.comp` computes per-chunk
+//! partials (O, m, l) with an online softmax, lanes of a subgroup sharing each K/V row (16-byte
+//! loads, shuffle reductions); `shaders/attention_merge.comp` merges them by log-sum-exp (skipped
+//! with one chunk). [`AttentionParams::launch`] picks the split pass's specialization constants
+//! from the head dim, the GQA ratio and the device's subgroup size; both passes need subgroup
+//! operations (shuffle, arithmetic) in compute shaders.
 //! Options: sliding window, logit softcap, attention sinks, and a fused mode that appends the
 //! step's new K/V (the last `n_queries` positions of each sequence) in the same dispatch.
 //!
@@ -10,7 +13,7 @@
 //! kv head = h / (H / Hkv); f32 accumulation; output f32 like Q. Fully masked rows give 0 and
 //! positions past the query are never read.
 
-use crate::gpu::{Buffer, Context, PipelineDesc, Recorder};
+use crate::gpu::{Buffer, Context, DeviceInfo, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
@@ -18,18 +21,31 @@ use super::{
     invalid, words,
 };
 
-const PUSH_WORDS: usize = 16;
-/// Query heads × head dim one split workgroup holds (the shader's `Q_CAP`).
-const Q_CAP: usize = 1024;
-/// Query heads one split workgroup serves at most (the shader's `MAX_HPW`).
-const MAX_HEADS_PER_WORKGROUP: usize = 32;
+const PUSH_WORDS: usize = 15;
+/// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · head_dim ≤ this.
+const O_CAP: usize = 4096;
+/// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
+const ML_CAP: usize = 1024;
+/// Most query heads one split workgroup serves (`LANE_VALUES` / 8).
+const MAX_HEADS_PER_WORKGROUP: usize = LANE_VALUES / 8;
+/// Query-head × dim values one split invocation holds in registers for q and again for the
+/// accumulators (more spills on NVIDIA, whose limit is 255 registers per invocation).
+const LANE_VALUES: usize = 64;
+/// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
+/// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
+const SPLIT_WG: usize = 256;
+/// Positions per row slot per step of the split pass (their loads are in flight together).
+/// H100: 4 beat 1, 2 and 8.
+const POSITIONS_PER_STEP: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
-/// Largest automatic chunk.
+/// Smallest and largest automatic chunk: below 256 positions a workgroup's fixed costs (query
+/// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds.
+pub const MIN_AUTO_CHUNK: usize = 256;
 pub const MAX_AUTO_CHUNK: usize = 1024;
 /// Split workgroups the automatic chunk size aims at.
-pub const TARGET_WORKGROUPS: usize = 1024;
+pub const TARGET_WORKGROUPS: usize = 256;
 /// Query tokens per sequence (speculative verification uses up to 8).
 pub const MAX_QUERIES: usize = 8;
 /// Query heads per kv head.
@@ -124,6 +140,24 @@ pub struct AttentionBuffers<'a> {
     pub new_v: Option<&'a Buffer>,
 }
 
+/// The split pass's layout (specialization constants 1..=6 and the grid's x extent), see
+/// `shaders/attention_split.comp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitLaunch {
+    /// Invocations sharing one K/V row: a power of two ≤ the device's subgroup size.
+    pub lanes: usize,
+    /// Runs of 8 dims each lane holds: head_dim ≤ 8 · lanes · runs_per_lane.
+    pub runs_per_lane: usize,
+    /// Query heads per workgroup, and blocks of them per kv head (the last may hold fewer).
+    pub heads: usize,
+    pub head_blocks: usize,
+    /// Positions each row slot loads per step.
+    pub positions_per_step: usize,
+    /// Every row starts 16-byte aligned, so rows are read with 16-byte loads.
+    pub vector_loads: bool,
+    pub workgroup_size: usize,
+}
+
 impl AttentionParams {
     /// Number of f32 values in Q (and in the output).
     pub fn q_elements(&self) -> usize {
@@ -135,29 +169,45 @@ impl AttentionParams {
         self.n_seqs * self.n_queries * self.n_kv_heads * self.head_dim
     }
 
-    /// Query heads each split workgroup serves: the largest divisor of the GQA ratio that fits
-    /// the shader's query block (heads·head_dim ≤ 1024, small enough that every invocation's
-    /// accumulators stay in registers), so a GQA group's K/V are read once for ratios up to 8 at
-    /// head_dim 128 and 4 at 256, and once per block of heads beyond that.
-    pub fn heads_per_workgroup(&self) -> usize {
+    /// How the split pass is laid out on `device` (its specialization constants and grid).
+    pub fn launch(&self, device: &DeviceInfo) -> SplitLaunch {
+        // A power of two ≤ the subgroup (Vulkan makes subgroups a power of two; guard anyway).
+        let subgroup = device.subgroup_size.clamp(1, 32) as usize;
+        let subgroup = 1 << subgroup.ilog2();
+        let runs = self.head_dim.div_ceil(8).max(1); // 16-byte runs of an f16 row
+        let lanes = runs.next_power_of_two().min(subgroup);
+        let runs_per_lane = runs.div_ceil(lanes);
         let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
-        (1..=ratio.min(MAX_HEADS_PER_WORKGROUP))
-            .rev()
-            .find(|&h| ratio.is_multiple_of(h) && h * self.head_dim <= Q_CAP)
-            .unwrap_or(1)
+        let head_cap = (LANE_VALUES / (8 * runs_per_lane)).max(1);
+        let blocks = ratio.div_ceil(head_cap);
+        let heads = ratio.div_ceil(blocks);
+        // The shader's slot-combine buffers bound slots · head_dim and slots · heads.
+        let wg = SPLIT_WG.min(device.max_workgroup_invocations as usize);
+        let slots = (wg / lanes).min(O_CAP / self.head_dim.max(1)).min(ML_CAP / heads).max(1);
+        let elements_per_16b = 16 / self.dtype.size();
+        let l = &self.layout;
+        let vec = [l.stride_seq, l.stride_head, l.stride_pos].iter().all(|s| s.is_multiple_of(elements_per_16b));
+        SplitLaunch {
+            lanes,
+            runs_per_lane,
+            heads,
+            head_blocks: blocks,
+            positions_per_step: POSITIONS_PER_STEP,
+            vector_loads: vec,
+            workgroup_size: lanes * slots,
+        }
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
-    /// [`TARGET_WORKGROUPS`] split workgroups in all (enough to fill a large GPU, whose
-    /// multiprocessors each want several resident workgroups to hide memory latency), with
-    /// chunks of 64 to [`MAX_AUTO_CHUNK`] positions and at least four chunks per sequence so the
-    /// merge runs even on short caches.
+    /// [`TARGET_WORKGROUPS`] split workgroups per head block (enough to give each multiprocessor
+    /// of a large GPU one), with chunks of [`MIN_AUTO_CHUNK`] to [`MAX_AUTO_CHUNK`] positions
+    /// (H100, head dims 128 and 256: 256 positions at kv 4096 and 20000, 512 at 16384 were best).
     pub fn split(&self) -> (usize, usize) {
         let capacity = self.layout.capacity.max(1);
         let chunk = self.split_chunk.unwrap_or_else(|| {
-            let others = (self.n_q_heads / self.heads_per_workgroup()) * self.n_seqs * self.n_queries;
-            let chunks = TARGET_WORKGROUPS.div_ceil(others.max(1)).max(4);
-            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).min(MAX_AUTO_CHUNK)
+            let others = self.n_kv_heads * self.n_seqs * self.n_queries;
+            let chunks = TARGET_WORKGROUPS.div_ceil(others.max(1));
+            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(MIN_AUTO_CHUNK, MAX_AUTO_CHUNK)
         });
         (chunk, capacity.div_ceil(chunk))
     }
@@ -223,9 +273,27 @@ impl AttentionParams {
         if q > u32::MAX as usize || (q * 4) as u64 > device.max_storage_buffer_range {
             return Err(invalid("n_seqs", format!("Q of {q} elements exceeds the device's buffer range")));
         }
+        if !device.subgroup_arithmetic {
+            return Err(invalid("device", format!("`{}` lacks subgroup operations in compute shaders", device.name)));
+        }
+        // The split pass's shared memory: the slot-combine buffers plus (m, l) per head.
+        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP);
+        if (device.max_compute_shared_memory as usize) < shared {
+            return Err(invalid(
+                "device",
+                format!(
+                    "`{}` offers {} B of shared memory, {shared} B needed",
+                    device.name, device.max_compute_shared_memory
+                ),
+            ));
+        }
         let (_, chunks) = self.split();
-        if chunks > max_x {
-            return Err(invalid("split_chunk", format!("{chunks} chunks exceed the device's {max_x} workgroups")));
+        let blocks = self.launch(device).head_blocks;
+        if chunks * blocks > max_x {
+            return Err(invalid(
+                "split_chunk",
+                format!("{chunks} chunks × {blocks} head blocks exceed the device's {max_x} workgroups"),
+            ));
         }
         if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range
         {
@@ -311,7 +379,16 @@ pub fn record<'a>(
         (Dtype::Bf16, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
-    let spec = [(0, mutant_id)];
+    let launch = params.launch(ctx.info());
+    let spec = [
+        (0, mutant_id),
+        (1, launch.lanes as u32),
+        (2, launch.runs_per_lane as u32),
+        (3, launch.heads as u32),
+        (4, launch.positions_per_step as u32),
+        (5, u32::from(launch.vector_loads)),
+        (6, launch.workgroup_size as u32),
+    ];
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader, bindings: 10, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
@@ -331,7 +408,6 @@ pub fn record<'a>(
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
         u32::from(params.sinks),
-        params.heads_per_workgroup() as u32,
     ]);
     let buffers = [
         bufs.q,
@@ -345,8 +421,9 @@ pub fn record<'a>(
         new_k,
         new_v,
     ];
-    let head_blocks = params.n_q_heads / params.heads_per_workgroup();
-    let groups = [n_chunks as u32, head_blocks as u32, (params.n_seqs * params.n_queries) as u32];
+    // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
+    let groups =
+        [(n_chunks * launch.head_blocks) as u32, params.n_kv_heads as u32, (params.n_seqs * params.n_queries) as u32];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
     if n_chunks == 1 {
         return Ok(());
