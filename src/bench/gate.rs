@@ -1002,7 +1002,7 @@ mod tests {
         let config = AttentionBenchConfig {
             timing: TimingConfig { iters: 1, repeats: 1, warmup: 0 },
             layout: LayoutKind::HeadMajor,
-            split_chunk: None,
+            split_chunk: Some(64), // several chunks, so each call is split + merge
             llc_bytes: 96 << 10,
         };
         let m = measure_slowed(&ctx, &shape, Mode::Attention, &config, 2, &mut || {}).unwrap();
