@@ -49,6 +49,30 @@ fn main() {
         }
     }
     std::fs::write(out.join("shaders.rs"), registry).expect("write shader registry");
+    emit_commit();
+}
+
+/// `VKDECODE_GIT_COMMIT`: the commit being built (`-dirty` with uncommitted changes to tracked
+/// files), so results name the code that produced them even where the binary runs without the
+/// checkout (the GPU machine). Nothing is emitted outside a git checkout.
+fn emit_commit() {
+    for path in [".git/HEAD", ".git/index"] {
+        if Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(head) = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) {
+        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        println!("cargo:rustc-env=VKDECODE_GIT_COMMIT={head}{}", if dirty { "-dirty" } else { "" });
+    }
 }
 
 fn compile(glslc: &str, src: &Path, define: Option<&str>, spv: &Path) {

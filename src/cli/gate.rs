@@ -153,9 +153,12 @@ pub fn run(global: &Global, args: &GateArgs) -> anyhow::Result<Finish> {
     }
 }
 
-/// The commit of the checkout this binary was built from (`-dirty` with uncommitted changes to
-/// tracked files), else `$GITHUB_SHA`, else `unknown`.
+/// The commit this binary was built from (build.rs; `-dirty` with uncommitted changes to tracked
+/// files), else that of the checkout it runs in, else `$GITHUB_SHA`, else `unknown`.
 fn project_commit() -> String {
+    if let Some(commit) = option_env!("VKDECODE_GIT_COMMIT") {
+        return commit.to_string();
+    }
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .arg("-C")
