@@ -36,12 +36,19 @@ pub struct CopyBandwidth {
     pub shader: Timing,
     /// `vkCmdCopyBuffer`, when measured.
     pub transfer: Option<Timing>,
+    /// The read-only kernel (`shaders/read.comp`) over the source buffer: `buffer_bytes` per call.
+    pub read: Timing,
 }
 
 impl CopyBandwidth {
     /// GB/s of the copy kernel at its median time: the roofline figure.
     pub fn shader_gbps(&self) -> f64 {
         gb_per_s(self.bytes_per_call, self.shader.per_call.median_ns)
+    }
+
+    /// GB/s of the read kernel at its median time (bytes read; its writes are 1/4096 of them).
+    pub fn read_gbps(&self) -> f64 {
+        gb_per_s(self.buffer_bytes, self.read.per_call.median_ns)
     }
 
     /// GB/s of `vkCmdCopyBuffer` at its median time.
@@ -89,6 +96,16 @@ pub fn measure_copy(
         |rec, _| Ok(rec.dispatch(&pipeline, &[&src, &dst], &push, groups, "bench.copy")?),
         on_submit,
     )?;
+    let read_pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::READ, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
+    let read = time_calls(
+        ctx,
+        "read kernel",
+        config,
+        Between::Barrier,
+        |rec, _| Ok(rec.dispatch(&read_pipeline, &[&src, &dst], &push, groups, "bench.read")?),
+        on_submit,
+    )?;
     let transfer = if transfer {
         Some(time_calls(
             ctx,
@@ -101,7 +118,7 @@ pub fn measure_copy(
     } else {
         None
     };
-    Ok(CopyBandwidth { buffer_bytes, bytes_per_call: 2 * buffer_bytes, shader, transfer })
+    Ok(CopyBandwidth { buffer_bytes, bytes_per_call: 2 * buffer_bytes, shader, transfer, read })
 }
 
 #[cfg(test)]
@@ -116,6 +133,7 @@ mod tests {
         let copy = measure_copy(&ctx, 1 << 20, config, true, &mut || {}).unwrap();
         assert_eq!(copy.bytes_per_call, 2 << 20);
         assert!(copy.shader_gbps() > 0.0 && copy.transfer_gbps().is_some_and(|g| g > 0.0));
+        assert!(copy.read_gbps() > 0.0 && copy.read.per_call_counters.dispatches == 1);
         assert_eq!(copy.shader.per_call_counters.dispatches, 1);
         assert_eq!(copy.transfer.as_ref().map(|t| t.per_call_counters.copies), Some(1));
         assert!(measure_copy(&ctx, 1000, config, false, &mut || {}).is_err(), "not a multiple of 16");

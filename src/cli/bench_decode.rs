@@ -108,6 +108,7 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
             "copy": copy,
             "copy_kernel_gbps": copy.shader_gbps(),
             "transfer_gbps": copy.transfer_gbps(),
+            "read_kernel_gbps": copy.read_gbps(),
         });
         emit(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else {
@@ -115,21 +116,23 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
         out.push('\n');
         let mut table =
             Table::new(&[("probe", Align::Left), ("GB/s", Align::Right), ("µs/call (p10-p90)", Align::Right)]);
-        let row = |name: &str, t: &vkdecode::bench::Timing| {
+        let row = |name: &str, t: &vkdecode::bench::Timing, bytes: u64| {
             let s = t.per_call;
             vec![
                 name.to_string(),
-                num(copy.bytes_per_call as f64 / s.median_ns),
+                num(bytes as f64 / s.median_ns),
                 format!("{} ({}-{})", num(s.median_ns / 1e3), num(s.p10_ns / 1e3), num(s.p90_ns / 1e3)),
             ]
         };
-        table.row(row("copy kernel (uvec4)", &copy.shader));
+        table.row(row("copy kernel (uvec4)", &copy.shader, copy.bytes_per_call));
         if let Some(t) = &copy.transfer {
-            table.row(row("vkCmdCopyBuffer", t));
+            table.row(row("vkCmdCopyBuffer", t, copy.bytes_per_call));
         }
+        table.row(row("read kernel (uvec4)", &copy.read, copy.buffer_bytes));
         out.push_str(&table.render());
         out.push_str(&format!(
-            "bytes per call: {} read + written ({} buffers); median over {} submits\n",
+            "bytes per call: copies {} read + written ({} buffers), the read kernel the source once; \
+             median over {} submits; the copy kernel is the roofline other figures are a fraction of\n",
             bytes(copy.bytes_per_call),
             bytes(copy.buffer_bytes),
             copy.shader.config.repeats
