@@ -197,7 +197,9 @@ impl Engine {
     }
 
     /// Runs `prompt` then greedily generates `max_new_tokens` tokens (the prompt is fed one token
-    /// per step). `on_token` sees each generated id as soon as the host has it.
+    /// per step). `on_token` sees each generated id as soon as the host has it; it must not record
+    /// GPU work on the same context (with validation on, recorders are serialized and the
+    /// generation's recorded step holds that lock until it returns).
     pub fn generate(
         &self,
         prompt: &[u32],
