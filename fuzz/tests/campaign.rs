@@ -224,13 +224,17 @@ fn a_planted_bug_ends_in_a_shrunk_corpus_case_that_replays() {
         "--fail-fast",
         "--corpus",
         &corpus,
+        // Far beyond the few seconds shrinking takes: the test needs shrinking to end by itself
+        // (not by the clock) so that the second campaign reaches the same case, even on a
+        // loaded CI machine.
         "--shrink-time",
-        "30s",
+        "600s",
     ];
     let json = dir.arg("summary.json");
     let out = run(fuzz(&args).args(["--json", &json]));
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "a found failure exits 1\n{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("ended by done"), "shrinking was cut short:\n{stdout}");
     let files = json_files(&dir.path().join("corpus/attention"));
     assert_eq!(files.len(), 1, "one corpus file: {files:?}");
     let file = &files[0];
