@@ -24,7 +24,7 @@ use vkdecode::kernels::Dtype;
 
 use super::report;
 use super::table::{Align, Table, bytes, num};
-use super::{Finish, Global, emit, note};
+use super::{DtypeArg, Finish, Global, emit, note};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -63,23 +63,6 @@ Examples:
   vkdecode bench attention --quick
   vkdecode bench attention --shape h32:kv8:d128:len4096 --shape h16:kv8:d128:len32768:bf16:batch4
   vkdecode bench attention --compare-fused --shape h32:kv8:d128:len4096 --json";
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<DtypeArg> for Dtype {
-    fn from(d: DtypeArg) -> Dtype {
-        match d {
-            DtypeArg::F32 => Dtype::F32,
-            DtypeArg::F16 => Dtype::F16,
-            DtypeArg::Bf16 => Dtype::Bf16,
-        }
-    }
-}
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LayoutArg {

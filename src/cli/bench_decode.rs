@@ -2,7 +2,7 @@
 //! `vkdecode bench bandwidth` (the device's copy roofline). The measuring is in
 //! [`vkdecode::bench::decode`] and [`vkdecode::bench::bandwidth`]; this module parses and prints.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy};
 use vkdecode::bench::decode::{DecodeMeasurement, measure_decode};
@@ -13,7 +13,7 @@ use vkdecode::kernels::Dtype;
 use vkdecode::model::Qwen3Config;
 
 use super::table::{Align, Table, bytes, num};
-use super::{Finish, Global, emit, note, report};
+use super::{DtypeArg, Finish, Global, emit, note, report};
 
 pub const DECODE_HELP: &str = "\
 Method: random weights of the shape are generated on the GPU; the KV cache is prefilled with
@@ -27,23 +27,6 @@ time. GB/s counts weights + K/V read.
 Examples:
   vkdecode bench decode --model qwen3-0.6b --model qwen3-8b
   vkdecode bench decode --model qwen3-8b --contexts 512,16384 --kv-dtype f16 --json";
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<DtypeArg> for Dtype {
-    fn from(d: DtypeArg) -> Dtype {
-        match d {
-            DtypeArg::F32 => Dtype::F32,
-            DtypeArg::F16 => Dtype::F16,
-            DtypeArg::Bf16 => Dtype::Bf16,
-        }
-    }
-}
 
 #[derive(Args)]
 pub struct DecodeArgs {

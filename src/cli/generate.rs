@@ -7,7 +7,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use vkdecode::engine::{Engine, GenerateOptions, Generation, trace};
@@ -15,7 +15,7 @@ use vkdecode::kernels::Dtype;
 use vkdecode::model::tokenizer::TextTokenizer;
 use vkdecode::model::{Checkpoint, Qwen3Config};
 
-use super::{Finish, Global, emit, note};
+use super::{DtypeArg, Finish, Global, emit, note};
 
 const GENERATE_HELP: &str = "\
 The whole decode step runs on the GPU as one command buffer recorded once and replayed: one
@@ -72,23 +72,6 @@ pub struct GenerateArgs {
     trace: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl DtypeArg {
-    fn dtype(self) -> Dtype {
-        match self {
-            DtypeArg::F32 => Dtype::F32,
-            DtypeArg::F16 => Dtype::F16,
-            DtypeArg::Bf16 => Dtype::Bf16,
-        }
-    }
-}
-
 fn parse_preset(name: &str) -> Result<Qwen3Config, String> {
     Qwen3Config::preset(name)
         .ok_or_else(|| format!("unknown shape {name:?}; one of {}", Qwen3Config::PRESETS.join(", ")))
@@ -115,7 +98,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
             (engine, dir.display().to_string())
         }
         (None, Some(config)) => {
-            let dtype = args.weights_dtype.dtype();
+            let dtype = Dtype::from(args.weights_dtype);
             let engine = Engine::random(&ctx, config.clone(), dtype, 1).context("generating random weights")?;
             (engine, format!("random {} ({dtype})", shape_name(config)))
         }
@@ -137,7 +120,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
     };
 
     let options = GenerateOptions {
-        kv_dtype: args.kv_dtype.dtype(),
+        kv_dtype: Dtype::from(args.kv_dtype),
         trace: args.trace.is_some(),
         tokens_per_submit: args.tokens_per_submit as usize,
         ..Default::default()
@@ -183,7 +166,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
         let value = json!({
             "model": model_name,
             "device": { "name": device.name, "driver": device.driver_info, "api_version": device.api_version },
-            "kv_dtype": args.kv_dtype.dtype().name(),
+            "kv_dtype": Dtype::from(args.kv_dtype).name(),
             "prompt_ids": generation.prompt_ids,
             "generated_ids": generation.generated_ids,
             "text": decoded,

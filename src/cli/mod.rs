@@ -79,6 +79,24 @@ enum Command {
 }
 
 /// How a command that ran ended: every case as expected, or not.
+/// An element type on the command line (weights, KV cache).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for vkdecode::kernels::Dtype {
+    fn from(d: DtypeArg) -> vkdecode::kernels::Dtype {
+        match d {
+            DtypeArg::F32 => vkdecode::kernels::Dtype::F32,
+            DtypeArg::F16 => vkdecode::kernels::Dtype::F16,
+            DtypeArg::Bf16 => vkdecode::kernels::Dtype::Bf16,
+        }
+    }
+}
+
 pub enum Finish {
     AllAsExpected,
     SomeFailed,
