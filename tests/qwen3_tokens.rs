@@ -25,7 +25,7 @@ mod common;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::golden::{FIXTURES, Golden, f32_logit_bound};
-use vkdecode::engine::{Engine, EngineMutant, GenerateOptions};
+use vkdecode::engine::{Engine, EngineMutant, GenerateOptions, Trace};
 use vkdecode::gpu::Context;
 use vkdecode::kernels::Dtype;
 use vkdecode::model::Checkpoint;
@@ -182,7 +182,7 @@ fn a_token_costs_one_submit_one_wait_no_copies() {
     let c = f.engine.config();
     let g = &f.golden;
     let _guard = f.lock.lock().unwrap_or_else(|e| e.into_inner());
-    let options = GenerateOptions { trace: true, ..Fixture::options(Dtype::F16, None) };
+    let options = GenerateOptions { trace: Trace::Stages, ..Fixture::options(Dtype::F16, None) };
     let out = f.engine.generate(&g.prompt[..4], 3, &options, |_| {}).expect("generate");
     let n = out.counters;
     assert_eq!((n.tokens_per_submit, n.submits, n.host_waits, n.copies, n.host_read_bytes), (1, 1, 1, 0, 4), "{n:?}");
@@ -204,6 +204,12 @@ fn a_token_costs_one_submit_one_wait_no_copies() {
     let stages = 3 + layers as usize * 6; // embed, 6 per layer, final norm+LM head, argmax
     assert_eq!(out.trace.len(), steps * stages, "trace events");
     assert!(out.trace.iter().all(|e| e.dur_us >= 0.0 && e.start_us >= 0.0));
+    // Step timestamps only: one event per step, the same tokens.
+    let steps_only = GenerateOptions { trace: Trace::Steps, ..options };
+    let coarse = f.engine.generate(&g.prompt[..4], 3, &steps_only, |_| {}).expect("generate");
+    assert_eq!(coarse.trace.len(), steps, "one event per step");
+    assert!(coarse.trace.iter().all(|e| e.name == "step" && e.dur_us > 0.0));
+    assert_eq!(coarse.generated_ids, out.generated_ids);
     assert_no_validation_messages("counters");
 }
 

@@ -57,6 +57,46 @@ impl CopyBandwidth {
     }
 }
 
+/// The fixed cost of one dependent dispatch: the copy kernel over 16 bytes (one workgroup, nothing
+/// to stream), timed back to back with each separator. On a GPU this is the floor under every
+/// stage of a decode step: launch, drain and cache flush, not memory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LaunchCost {
+    /// Separated by the global barrier ([`crate::gpu::Recorder::barrier`]).
+    pub barrier: Timing,
+    /// Not separated (independent dispatches may overlap).
+    pub nothing: Timing,
+}
+
+/// Measures [`LaunchCost`] with `config`.
+pub fn measure_launch(ctx: &Arc<Context>, config: TimingConfig, on_submit: &mut dyn FnMut()) -> Result<LaunchCost> {
+    let src = device_buffer(ctx, "bench.launch.src", &finite_bytes(Dtype::F32, 4, 8))?;
+    // One destination per call of a submit: unseparated calls must not write the same bytes.
+    let dsts: Vec<Buffer> = (0..config.iters)
+        .map(|i| Buffer::new(ctx, &format!("bench.launch.dst.{i}"), ELEMENT, Location::Device))
+        .collect::<std::result::Result<_, _>>()?;
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::COPY, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
+    let push = crate::kernels::words(&[1, 1]);
+    let mut time = |between, what: &str| {
+        time_calls(
+            ctx,
+            what,
+            config,
+            between,
+            |rec, call| {
+                let dst = &dsts[(call % u64::from(config.iters)) as usize];
+                Ok(rec.dispatch(&pipeline, &[&src, dst], &push, [1, 1, 1], "bench.launch")?)
+            },
+            on_submit,
+        )
+    };
+    Ok(LaunchCost {
+        barrier: time(Between::Barrier, "launch + barrier")?,
+        nothing: time(Between::Nothing, "launch alone")?,
+    })
+}
+
 /// The copy probe's buffer size on `device`: min(`MAX_COPY_BYTES`, maxStorageBufferRange), a
 /// multiple of 16 bytes.
 pub fn default_copy_bytes(device: &DeviceInfo) -> u64 {

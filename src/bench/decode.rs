@@ -3,9 +3,10 @@
 //!
 //! Method: an [`Engine`] with random weights (generated on the GPU) decodes `warmup + steps`
 //! tokens starting at `context` cache positions (filled with random K/V, so long contexts need no
-//! prefill), with GPU timestamps around every stage. A step's GPU time is the sum of its stages
-//! (host gaps between submits excluded); the figures are order statistics over the timed steps,
-//! per-kernel times are medians summed over layers. Tokens/s on the host clock (submit to sampled
+//! prefill), with a GPU timestamp at the start and end of every step (host gaps between submits
+//! excluded); the figures are order statistics over the timed steps. A second run with a
+//! timestamp after every stage gives the per-kernel split (medians summed over layers); those
+//! timestamps cost time of their own, so its total is reported separately. Tokens/s on the host clock (submit to sampled
 //! id) is reported beside it.
 //!
 //! Roofline: a decode step must read every weight once (the embeddings only one row unless they
@@ -15,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::{Engine, EngineError, GenerateOptions};
+use crate::engine::{Engine, EngineError, GenerateOptions, Trace};
 use crate::kernels::Dtype;
 
 use super::Stats;
@@ -27,10 +28,14 @@ pub struct DecodeMeasurement {
     pub kv_dtype: Dtype,
     /// GPU time per token over the timed steps.
     pub per_token: Stats,
+    /// GPU time per token of the run with a timestamp after every stage (the one `kernels_us`
+    /// comes from): the difference to `per_token` is what those timestamps cost.
+    pub staged_per_token: Stats,
     /// Host-clock tokens per second over the timed steps (includes submit and wait latency).
     pub host_tokens_per_second: f64,
     pub tokens_per_submit: usize,
-    /// Median GPU µs per token of each stage kind (layers summed), largest first.
+    /// Median GPU µs per token of each stage kind (layers summed), largest first, from the run
+    /// with per-stage timestamps.
     pub kernels_us: Vec<(String, f64)>,
     pub weight_bytes: u64,
     pub kv_bytes: u64,
@@ -67,21 +72,29 @@ pub fn measure_decode(
     if steps == 0 {
         return Err(EngineError::Input("a decode benchmark needs at least one timed step".into()));
     }
-    let options =
-        GenerateOptions { kv_dtype, trace: true, start_position: context, tokens_per_submit, ..Default::default() };
-    let generation = engine.generate(&[1], warmup + steps, &options, |_| {})?;
+    // The step time comes from a run with one timestamp per step; the split by stage from a
+    // second run with a timestamp after every stage (which costs time of its own).
+    let run = |trace| {
+        let options =
+            GenerateOptions { kv_dtype, trace, start_position: context, tokens_per_submit, ..Default::default() };
+        engine.generate(&[1], warmup + steps, &options, |_| {})
+    };
+    let generation = run(Trace::Steps)?;
     let mut per_step = vec![0.0; warmup + steps];
-    let mut kernels: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    // The last submit may run past the requested steps: those events are left out.
     for e in generation.trace.iter().filter(|e| e.step < warmup + steps) {
         per_step[e.step] += e.dur_us * 1e3;
-        if e.step >= warmup {
-            let kind = e.name.split_once('.').map_or(e.name.as_str(), |(layer, rest)| {
-                if layer.starts_with('L') && layer[1..].chars().all(|c| c.is_ascii_digit()) { rest } else { &e.name }
-            });
-            let samples = kernels.entry(kind.to_string()).or_insert_with(|| vec![0.0; steps]);
-            samples[e.step - warmup] += e.dur_us;
-        }
+    }
+    let staged = run(Trace::Stages)?;
+    let mut staged_per_step = vec![0.0; steps];
+    let mut kernels: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // The last submit may run past the requested steps: those events are left out.
+    for e in staged.trace.iter().filter(|e| e.step >= warmup && e.step < warmup + steps) {
+        staged_per_step[e.step - warmup] += e.dur_us * 1e3;
+        let kind = e.name.split_once('.').map_or(e.name.as_str(), |(layer, rest)| {
+            if layer.starts_with('L') && layer[1..].chars().all(|c| c.is_ascii_digit()) { rest } else { &e.name }
+        });
+        let samples = kernels.entry(kind.to_string()).or_insert_with(|| vec![0.0; steps]);
+        samples[e.step - warmup] += e.dur_us;
     }
     let mut kernels_us: Vec<(String, f64)> =
         kernels.into_iter().map(|(k, v)| (k, Stats::from_samples(&v).median_ns)).collect();
@@ -93,6 +106,7 @@ pub fn measure_decode(
         context,
         kv_dtype,
         per_token: Stats::from_samples(&per_step[warmup..]),
+        staged_per_token: Stats::from_samples(&staged_per_step),
         host_tokens_per_second: steps as f64 / host,
         tokens_per_submit,
         kernels_us,

@@ -125,8 +125,11 @@ where
             rec.timestamp()?;
         }
         for i in 0..config.iters {
-            if i > 0 && between == Between::Barrier {
-                rec.barrier();
+            if i > 0 {
+                match between {
+                    Between::Barrier => rec.barrier(),
+                    Between::Nothing => {}
+                }
             }
             let before = rec.counters();
             record(&mut rec, call)?;

@@ -4,7 +4,7 @@
 
 use clap::Args;
 use serde_json::json;
-use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy};
+use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy, measure_launch};
 use vkdecode::bench::decode::{DecodeMeasurement, measure_decode};
 use vkdecode::bench::{MIB, TimingConfig};
 use vkdecode::engine::Engine;
@@ -18,11 +18,12 @@ use super::{DtypeArg, Finish, Global, emit, note, report};
 pub const DECODE_HELP: &str = "\
 Method: random weights of the shape are generated on the GPU; the KV cache is prefilled with
 random values up to the context, then W warm-up and S timed decode steps run, each one submit of
-the recorded step with GPU timestamps around every stage. µs/token is the median over the timed
-steps of the summed stage times (p10-p90 beside it); per-kernel times are medians summed over the
-layers. Roofline: weight bytes read per token (every tensor once; the embeddings one row unless
-tied to the head) over the copy bandwidth measured first in the same run, divided by the measured
-time. GB/s counts weights + K/V read.
+the recorded step with a GPU timestamp at its start and end. µs/token is the median over the timed
+steps (p10-p90 beside it). A second run with a timestamp after every stage gives the per-kernel
+times (medians summed over the layers; JSON: kernels_us, and that run's own total,
+staged_per_token_ns, since the stage timestamps cost time). Roofline: weight bytes read per token
+(every tensor once; the embeddings one row unless tied to the head) over the copy bandwidth
+measured first in the same run, divided by the measured time. GB/s counts weights + K/V read.
 
 Examples:
   vkdecode bench decode --model qwen3-0.6b --model qwen3-8b
@@ -84,6 +85,8 @@ pub fn copy_roofline(ctx: &std::sync::Arc<Context>, buffer_bytes: Option<u64>) -
 pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Finish> {
     let ctx = global.open_context()?;
     let copy = copy_roofline(&ctx, args.mib.map(|m| m * MIB))?;
+    let launch = measure_launch(&ctx, copy.shader.config, &mut || {})
+        .map_err(|e| anyhow::anyhow!("measuring the launch cost: {e}"))?;
     let info = ctx.info();
     if args.json {
         let value = json!({
@@ -92,6 +95,7 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
             "copy_kernel_gbps": copy.shader_gbps(),
             "transfer_gbps": copy.transfer_gbps(),
             "read_kernel_gbps": copy.read_gbps(),
+            "launch": launch,
         });
         emit(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else {
@@ -112,6 +116,14 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
             table.row(row("vkCmdCopyBuffer", t, copy.bytes_per_call));
         }
         table.row(row("read kernel (uvec4)", &copy.read, copy.buffer_bytes));
+        for (name, t) in [("launch + barrier (16 B)", &launch.barrier), ("launch alone", &launch.nothing)] {
+            let s = t.per_call;
+            table.row(vec![
+                name.to_string(),
+                "-".into(),
+                format!("{} ({}-{})", num(s.median_ns / 1e3), num(s.p10_ns / 1e3), num(s.p90_ns / 1e3)),
+            ]);
+        }
         out.push_str(&table.render());
         out.push_str(&format!(
             "bytes per call: copies {} read + written ({} buffers), the read kernel the source once; \
@@ -186,6 +198,7 @@ pub fn run_decode(global: &Global, args: &DecodeArgs) -> anyhow::Result<Finish> 
                     "kv_dtype": m.kv_dtype.name(),
                     "us_per_token": m.per_token.median_ns / 1e3,
                     "per_token_ns": m.per_token,
+                    "staged_per_token_ns": m.staged_per_token,
                     "tokens_per_second": m.tokens_per_second(),
                     "host_tokens_per_second": m.host_tokens_per_second,
                     "tokens_per_submit": m.tokens_per_submit,

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use vkdecode::engine::{Engine, GenerateOptions, Generation, trace};
+use vkdecode::engine::{Engine, GenerateOptions, Generation, Trace, trace};
 use vkdecode::kernels::Dtype;
 use vkdecode::model::tokenizer::TextTokenizer;
 use vkdecode::model::{Checkpoint, Qwen3Config};
@@ -121,7 +121,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
 
     let options = GenerateOptions {
         kv_dtype: Dtype::from(args.kv_dtype),
-        trace: args.trace.is_some(),
+        trace: if args.trace.is_some() { Trace::Stages } else { Trace::Off },
         tokens_per_submit: args.tokens_per_submit as usize,
         ..Default::default()
     };

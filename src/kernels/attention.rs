@@ -26,17 +26,25 @@ const PUSH_WORDS: usize = 15;
 const O_CAP: usize = 4096;
 /// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
 const ML_CAP: usize = 1024;
-/// Most query heads one split workgroup serves (`LANE_VALUES` / 8).
-const MAX_HEADS_PER_WORKGROUP: usize = LANE_VALUES / 8;
 /// Query-head × dim values one split invocation holds in registers for q and again for the
-/// accumulators (more spills on NVIDIA, whose limit is 255 registers per invocation).
-const LANE_VALUES: usize = 64;
+/// accumulators, and positions per row slot per step (their loads are in flight together), in
+/// two layouts. Measured inside the Qwen3 decode step (H100 and H200, h32:kv8:d128 and
+/// h16:kv8:d128):
+/// - narrow (16 values, 2 positions: two heads a workgroup at head dim 128, the kv head's other
+///   blocks re-reading its K/V from L2): attention per layer 46 → 19 µs at kv 512 and 57 → 35 µs
+///   at 4096; fewer registers, more workgroups resident, where chunks are short;
+/// - wide (64 values, 4 positions: every head of a GQA group of ≤ 8 in one block, each K/V element
+///   read once): 70 against narrow's 79 µs at kv 16384, where chunks are long and K/V traffic
+///   dominates; also for GQA ratios above 4, which narrow would split into many re-reading blocks.
+const NARROW: (usize, usize) = (16, 2);
+const WIDE: (usize, usize) = (64, 4);
+/// Chunks of at least this many positions take the wide layout.
+const WIDE_FROM_CHUNK: usize = 512;
+/// Most query heads one split workgroup serves (the wide layout's values / 8).
+const MAX_HEADS_PER_WORKGROUP: usize = WIDE.0 / 8;
 /// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
 /// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
 const SPLIT_WG: usize = 256;
-/// Positions per row slot per step of the split pass (their loads are in flight together).
-/// H100: 4 beat 1, 2 and 8.
-const POSITIONS_PER_STEP: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
@@ -178,7 +186,9 @@ impl AttentionParams {
         let lanes = runs.next_power_of_two().min(subgroup);
         let runs_per_lane = runs.div_ceil(lanes);
         let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
-        let head_cap = (LANE_VALUES / (8 * runs_per_lane)).max(1);
+        let (lane_values, positions_per_step) =
+            if self.split().0 >= WIDE_FROM_CHUNK || ratio > 4 { WIDE } else { NARROW };
+        let head_cap = (lane_values / (8 * runs_per_lane)).max(1);
         let blocks = ratio.div_ceil(head_cap);
         let heads = ratio.div_ceil(blocks);
         // The shader's slot-combine buffers bound slots · head_dim and slots · heads.
@@ -192,7 +202,7 @@ impl AttentionParams {
             runs_per_lane,
             heads,
             head_blocks: blocks,
-            positions_per_step: POSITIONS_PER_STEP,
+            positions_per_step,
             vector_loads: vec,
             workgroup_size: lanes * slots,
         }
