@@ -3,6 +3,7 @@
 #extension GL_EXT_control_flow_attributes : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_KHR_shader_subgroup_arithmetic : require
 // variants: f32 f16 bf16 f32_fused f16_fused bf16_fused
 //
 // Decode attention, pass 1 of 2 (split-K flash-decoding). One workgroup per (chunk × block of up
@@ -36,7 +37,11 @@
 // n_queries positions of each sequence) in the same dispatch: every workgroup takes those
 // positions from the new_k/new_v inputs, rounded as the cache stores them, and never reads the
 // slots being written, so no barrier is needed; one workgroup per (sequence, token, kv head)
-// writes them. Loops are bounded by the chunk: lavapipe's shader compiler silently stops a loop
+// writes them. With FLAG_QK_NORM_ROPE (fused, one query per sequence: the Qwen3 engine) q and
+// the new K arrive raw and every workgroup first applies Qwen3's per-head RMSNorm (f32 weights
+// q_norm/k_norm) and rotate_half RoPE (host cos/sin per position and pair) to its query heads and
+// to the new K row, through shared memory, so no separate dispatch and barrier precede attention.
+// Loops are bounded by the chunk: lavapipe's shader compiler silently stops a loop
 // after 65535 iterations. Bindings and push constants mirror src/kernels/attention.rs.
 
 #if defined(VARIANT_F32_FUSED)
@@ -64,6 +69,8 @@ const uint M_F16_ACCUMULATE = 4;
 const uint M_V_MISREAD = 5;
 const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots being written
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
+const uint M_INTERLEAVED_ROPE = 9;    // FLAG_QK_NORM_ROPE: rotates neighbours (2i, 2i+1)
+const uint M_SKIP_QK_NORM = 10;       // FLAG_QK_NORM_ROPE: RoPE without the norm
 
 layout(constant_id = 1) const uint LANES = 16;   // invocations per K/V row (power of two)
 layout(constant_id = 2) const uint CPL = 1;      // runs of 8 dims per lane: head_dim ≤ 8·CPL·LANES
@@ -81,6 +88,8 @@ const uint WPR = 1;
 #endif
 
 const uint FLAG_SINKS = 1u;
+const uint FLAG_QK_NORM_ROPE = 2u;
+const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 
 layout(push_constant) uniform Params {
     uint n_queries;
@@ -97,7 +106,8 @@ layout(push_constant) uniform Params {
     uint n_chunks;   // 1: write the output directly
     uint window;     // sliding window in positions; 0: none
     float softcap;   // 0: none
-    uint flags;      // FLAG_SINKS
+    uint flags;      // FLAG_SINKS | FLAG_QK_NORM_ROPE
+    float eps;       // the q/k RMSNorm epsilon (FLAG_QK_NORM_ROPE)
 } p;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -120,12 +130,16 @@ layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // 
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
 layout(std430, binding = 8) readonly buffer NewK4 { uvec4 new_k4[]; };
 layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
+layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (FLAG_QK_NORM_ROPE)
+layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
+layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
 
 shared float o_s[O_CAP];     // [head of the round][slot][D]
 shared float m_s[ML_CAP];    // [slot][head]
 shared float l_s[ML_CAP];
 shared float mm_s[HPW];      // combined (m, l) per head
 shared float ll_s[HPW];
+shared float knew_s[MAX_D];  // FLAG_QK_NORM_ROPE: the new K row, normalised and rotated
 
 #if defined(FUSED)
 const bool FUSED_MODE = true;
@@ -133,6 +147,7 @@ const bool FUSED_MODE = true;
 const bool FUSED_MODE = false;
 #endif
 const uint NONE = 0xffffffffu;
+bool qk_rope = false;   // FLAG_QK_NORM_ROPE in a fused variant (uniform; set in main)
 
 // Start of position j's new K/V row in new_k/new_v (fused mode, j >= first_new), else NONE.
 uint new_row(uint b, uint kvh, uint j, uint first_new) {
@@ -147,10 +162,17 @@ vec4 round4(uvec4 w) {
 }
 
 // 8 new-token elements from element e (a multiple of 4: head dims are multiples of 8).
-void load_new8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+// With FLAG_QK_NORM_ROPE K comes from knew_s (dc: the element's dim; one new token).
+void load_new8(uint e, uint dc, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
     uint i = e / 4u;
-    k0 = i < new_k4.length() ? round4(new_k4[i]) : vec4(0.0);
-    k1 = i + 1u < new_k4.length() ? round4(new_k4[i + 1u]) : vec4(0.0);
+    if (qk_rope) {
+        uint j = min(dc, MAX_D - 8u);
+        k0 = round4(floatBitsToUint(vec4(knew_s[j], knew_s[j + 1u], knew_s[j + 2u], knew_s[j + 3u])));
+        k1 = round4(floatBitsToUint(vec4(knew_s[j + 4u], knew_s[j + 5u], knew_s[j + 6u], knew_s[j + 7u])));
+    } else {
+        k0 = i < new_k4.length() ? round4(new_k4[i]) : vec4(0.0);
+        k1 = i + 1u < new_k4.length() ? round4(new_k4[i + 1u]) : vec4(0.0);
+    }
     v0 = i < new_v4.length() ? round4(new_v4[i]) : vec4(0.0);
     v1 = i + 1u < new_v4.length() ? round4(new_v4[i + 1u]) : vec4(0.0);
 }
@@ -256,7 +278,7 @@ void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, ui
             uint ri = n * Q4 + 2u * cr;
             if (from == FROM_NEW) {   // uniform
                 uint nrow = ((b * p.n_queries + (jc - first_new)) * p.n_kv_heads + kvh) * D;
-                load_new8(nrow + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+                load_new8(nrow + dc, dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else if (from == FROM_SCALAR) {
                 load_scalar8(off + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else {
@@ -355,6 +377,57 @@ void main() {
     uint slot = gl_SubgroupID * (gl_SubgroupSize / LANES) + gl_SubgroupInvocationID / LANES;
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
+    qk_rope = FUSED_MODE && (p.flags & FLAG_QK_NORM_ROPE) != 0u;
+    if (qk_rope) {
+        // Rows 0..nh − 1 of o_s: the block's query heads; row nh: the new K row of kv head kvh.
+        // Raw values, then each row's Σx², then each pair normalised and rotated in place (pairs
+        // are disjoint, so no invocation reads what another writes); the K row goes to knew_s.
+        uint half_d = D / 2u;
+        uint rows = nh + 1u;
+        uint krow = ((b * p.n_queries + t) * p.n_kv_heads + kvh) * D;
+        for (uint i = tid; i < rows * D; i += WG) {
+            uint r = i / D;
+            uint d = i - r * D;
+            uint idx = r < nh ? (row0 + r) * D + d : krow + d;
+            o_s[i] = r < nh ? (idx < q.length() ? q[idx] : 0.0) : (idx < new_k.length() ? uintBitsToFloat(new_k[idx]) : 0.0);
+        }
+        barrier();
+        for (uint r = gl_SubgroupID; r < rows; r += gl_NumSubgroups) {
+            float ss = 0.0;
+            for (uint d = gl_SubgroupInvocationID; d < D; d += gl_SubgroupSize) ss += o_s[r * D + d] * o_s[r * D + d];
+            ss = subgroupAdd(ss);
+            if (subgroupElect()) m_s[r] = ss;
+        }
+        barrier();
+        uint at = min(uint(pos < 0 ? 0 : pos), p.capacity - 1u) * half_d;
+        for (uint j = tid; j < rows * half_d; j += WG) {
+            uint r = j / half_d;
+            uint i = j - r * half_d;
+            uint i0 = MUTANT == M_INTERLEAVED_ROPE ? 2u * i : i;
+            uint i1 = MUTANT == M_INTERLEAVED_ROPE ? 2u * i + 1u : i + half_d;
+            float x0 = o_s[r * D + i0];
+            float x1 = o_s[r * D + i1];
+            if (MUTANT != M_SKIP_QK_NORM) {
+                float rs = inversesqrt(m_s[r] / float(D) + p.eps);
+                bool is_q = r < nh;
+                float w0 = is_q ? (i0 < q_norm.length() ? q_norm[i0] : 0.0) : (i0 < k_norm.length() ? k_norm[i0] : 0.0);
+                float w1 = is_q ? (i1 < q_norm.length() ? q_norm[i1] : 0.0) : (i1 < k_norm.length() ? k_norm[i1] : 0.0);
+                x0 = x0 * rs * w0;
+                x1 = x1 * rs * w1;
+            }
+            vec2 cs = at + i < rope.length() ? rope[at + i] : vec2(0.0);
+            float y0 = x0 * cs.x - x1 * cs.y;
+            float y1 = x1 * cs.x + x0 * cs.y;
+            if (r < nh) {
+                o_s[r * D + i0] = y0;
+                o_s[r * D + i1] = y1;
+            } else {
+                knew_s[i0] = y0;
+                knew_s[i1] = y1;
+            }
+        }
+        barrier();
+    }
     [[unroll]] for (uint r = 0; r < HPW; ++r) {
         m_run[r] = NEG_FLOOR;
         l_run[r] = 0.0;
@@ -362,7 +435,9 @@ void main() {
             uint d = ((i / 2u) * LANES + lane) * 8u + (i % 2u) * 4u;
             uint idx = (row0 + r) * D + d;
             bool in_q = r < nh && d < D && idx + 3u < q.length();
-            qv[r * Q4 + i] = in_q ? vec4(q[idx], q[idx + 1u], q[idx + 2u], q[idx + 3u]) : vec4(0.0);
+            uint at = r * D + d;   // the prologue's rows in o_s
+            if (qk_rope) qv[r * Q4 + i] = r < nh && d < D ? vec4(o_s[at], o_s[at + 1u], o_s[at + 2u], o_s[at + 3u]) : vec4(0.0);
+            else qv[r * Q4 + i] = in_q ? vec4(q[idx], q[idx + 1u], q[idx + 2u], q[idx + 3u]) : vec4(0.0);
             acc[r * Q4 + i] = vec4(0.0);
         }
     }
@@ -404,7 +479,8 @@ void main() {
         uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
         uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
         for (uint d = tid; d < D; d += WG) {
-            if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(new_k[src + d], false));
+            uint kb = qk_rope ? floatBitsToUint(knew_s[min(d, MAX_D - 1u)]) : (src + d < new_k.length() ? new_k[src + d] : 0u);
+            if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(kb, false));
             if (src + d < new_v.length() && dst + d < v_cache.length()) v_cache[dst + d] = KV_T(kv_store(new_v[src + d], false));
         }
     }

@@ -186,22 +186,22 @@ fn a_token_costs_one_submit_one_wait_no_copies() {
     let out = f.engine.generate(&g.prompt[..4], 3, &options, |_| {}).expect("generate");
     let n = out.counters;
     assert_eq!((n.tokens_per_submit, n.submits, n.host_waits, n.copies, n.host_read_bytes), (1, 1, 1, 0, 4), "{n:?}");
-    // Per layer: norm+q/k/v, q/k-norm+RoPE, attention (split, and merge when the cache is split),
-    // o, norm+gate/up+SwiGLU, down; around them: embed, final norm+LM head, argmax ×2. A barrier
+    // Per layer: norm+q/k/v, attention with q/k-norm+RoPE (split, and merge when the cache is
+    // split), o, norm+gate/up+SwiGLU, down; around them: embed, final norm+LM head, argmax ×2. A barrier
     // after every stage (and between split and merge, and between the argmax passes).
     let layers = c.num_hidden_layers as u32;
-    let attention = n.dispatches - (layers * 5 + 4);
+    let attention = n.dispatches - (layers * 4 + 4);
     assert!(
         (1..=2).contains(&(attention / layers)) && attention.is_multiple_of(layers),
         "{n:?}: unexpected dispatch count"
     );
-    let per_layer = 5 + attention / layers;
+    let per_layer = 4 + attention / layers;
     assert_eq!(n.dispatches, 4 + layers * per_layer, "{n:?}");
     assert_eq!(n.barriers, 3 + layers * per_layer, "{n:?}");
     // The trace has one event per stage of every step, each of non-negative length.
     let steps = out.step_seconds.len();
     assert_eq!(steps, 4 - 1 + 3);
-    let stages = 3 + layers as usize * 6; // embed, 6 per layer, final norm+LM head, argmax
+    let stages = 3 + layers as usize * 5; // embed, 5 per layer, final norm+LM head, argmax
     assert_eq!(out.trace.len(), steps * stages, "trace events");
     assert!(out.trace.iter().all(|e| e.dur_us >= 0.0 && e.start_us >= 0.0));
     // Step timestamps only: one event per step, the same tokens.

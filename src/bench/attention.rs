@@ -270,6 +270,7 @@ pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) ->
         softcap: None,
         sinks: false,
         fused: mode == Mode::Fused,
+        qk_norm_rope: None,
     }
 }
 
@@ -379,6 +380,7 @@ pub fn measure_slowed(
                 sinks: None,
                 new_k: fused.then_some(&new_k),
                 new_v: fused.then_some(&new_v),
+                qk_norm_rope: None,
             };
             attention::record(rec, ctx, &p, bufs(k_cache, v_cache), None)?;
             for pass in 1..=u64::from(extra_passes) {

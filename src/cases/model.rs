@@ -321,6 +321,7 @@ impl AttentionCase {
             softcap: self.softcap,
             sinks: self.sinks.is_some(),
             fused: self.fused,
+            qk_norm_rope: None,
         })
     }
 }

@@ -198,6 +198,7 @@ impl AttentionUploads {
             sinks: self.sinks.as_ref(),
             new_k: new_kv.map(|(k, _)| k),
             new_v: new_kv.map(|(_, v)| v),
+            qk_norm_rope: None,
         }
     }
 

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
-use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams};
-use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall, QkRopeShape};
+use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, QkNormRope};
+use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall};
 use crate::kernels::{CacheLayout, Dtype, KernelError};
 use crate::model::{Checkpoint, ModelError, Qwen3Config};
 use crate::reference::qwen3::rope_inv_freq;
@@ -76,10 +76,17 @@ impl EngineMutant {
 
     fn layer(self) -> Option<LayerMutant> {
         match self {
-            EngineMutant::InterleavedRope => Some(LayerMutant::InterleavedRope),
-            EngineMutant::SkipQkNorm => Some(LayerMutant::SkipQkNorm),
             EngineMutant::NormWeightIgnored => Some(LayerMutant::NormWeightIgnored),
-            EngineMutant::GqaModulo => None,
+            _ => None,
+        }
+    }
+
+    fn attention(self) -> Option<AttentionMutant> {
+        match self {
+            EngineMutant::InterleavedRope => Some(AttentionMutant::InterleavedRope),
+            EngineMutant::SkipQkNorm => Some(AttentionMutant::SkipQkNorm),
+            EngineMutant::GqaModulo => Some(AttentionMutant::GqaModulo),
+            EngineMutant::NormWeightIgnored => None,
         }
     }
 }
@@ -173,6 +180,9 @@ pub struct Engine {
     ctx: Arc<Context>,
     config: Qwen3Config,
     weights: GpuWeights,
+    /// Each layer's q_norm and k_norm weights widened to f32 (the attention kernel's prologue
+    /// takes them so; its variants are by cache type, not weight type).
+    qk_norms: Vec<(Buffer, Buffer)>,
 }
 
 impl Engine {
@@ -194,7 +204,18 @@ impl Engine {
 
     fn new(ctx: &Arc<Context>, config: Qwen3Config, weights: GpuWeights) -> Result<Engine, EngineError> {
         layers::check_device(ctx, weights.any_16bit())?;
-        Ok(Engine { ctx: ctx.clone(), config, weights })
+        let zero_state = Buffer::with_bytes(ctx, "zero_state", &[0; 4 * layers::STATE_WORDS], Location::Upload)?;
+        let f32_norm = |name: String| Buffer::new(ctx, &name, 4 * config.head_dim as u64, Location::Device);
+        let qk_norms = (0..config.num_hidden_layers)
+            .map(|l| Ok((f32_norm(format!("q_norm_f32.{l}"))?, f32_norm(format!("k_norm_f32.{l}"))?)))
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        let mut rec = Recorder::new(ctx)?;
+        for (layer, (q, k)) in weights.layers.iter().zip(&qk_norms) {
+            layers::widen(&mut rec, ctx, &zero_state, layer.q_norm.vector(), q)?;
+            layers::widen(&mut rec, ctx, &zero_state, layer.k_norm.vector(), k)?;
+        }
+        rec.submit()?;
+        Ok(Engine { ctx: ctx.clone(), config, weights, qk_norms })
     }
 
     pub fn config(&self) -> &Qwen3Config {
@@ -360,6 +381,7 @@ impl Scratch {
             softcap: None,
             sinks: false,
             fused: true,
+            qk_norm_rope: Some(c.rms_norm_eps as f32),
         };
         attention.validate(ctx)?;
         let cache_bytes = (attention.layout.min_elements() * options.kv_dtype.size()) as u64;
@@ -455,7 +477,7 @@ fn record_step<'a>(
     let w = &engine.weights;
     let eps = c.rms_norm_eps as f32;
     let layer_mutant = options.mutant.and_then(EngineMutant::layer);
-    let attention_mutant = (options.mutant == Some(EngineMutant::GqaModulo)).then_some(AttentionMutant::GqaModulo);
+    let attention_mutant = options.mutant.and_then(EngineMutant::attention);
     let mut labels = Vec::new();
     // A timestamp after each stage (with `trace`), naming the interval it closes.
     let mut mark = |rec: &mut Recorder<'a>, label: String| -> Result<(), EngineError> {
@@ -507,27 +529,6 @@ fn record_step<'a>(
         normed_matvec(rec, &layer.input_layernorm, qkv, false, "input_layernorm+qkv_proj")?;
         mark(rec, format!("L{l}.norm_qkv_proj"))?;
         rec.barrier();
-        let shape = QkRopeShape {
-            n_q_heads: c.num_attention_heads,
-            n_kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            capacity: s.capacity,
-            eps,
-        };
-        layers::qk_norm_rope(
-            rec,
-            ctx,
-            shape,
-            &s.state,
-            &s.q,
-            &s.k,
-            layer.q_norm.vector(),
-            layer.k_norm.vector(),
-            &s.rope,
-            layer_mutant,
-        )?;
-        mark(rec, format!("L{l}.qk_norm_rope"))?;
-        rec.barrier();
         let bufs = AttentionBuffers {
             q: &s.q,
             seq_lens: &s.state,
@@ -539,6 +540,11 @@ fn record_step<'a>(
             sinks: None,
             new_k: Some(&s.k),
             new_v: Some(&s.v),
+            qk_norm_rope: Some(QkNormRope {
+                q_norm: &engine.qk_norms[l].0,
+                k_norm: &engine.qk_norms[l].1,
+                rope: &s.rope,
+            }),
         };
         attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;
         mark(rec, format!("L{l}.attention"))?;

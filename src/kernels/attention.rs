@@ -17,11 +17,11 @@ use crate::gpu::{Buffer, Context, DeviceInfo, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
-    CacheLayout, Dtype, KernelError, ParamError, check_buffer, check_dtype, check_head_dim, check_layout, grid_2d,
-    invalid, words,
+    CacheLayout, Dtype, KernelError, MAX_HEAD_DIM, ParamError, check_buffer, check_dtype, check_head_dim, check_layout,
+    grid_2d, invalid, words,
 };
 
-const PUSH_WORDS: usize = 15;
+const PUSH_WORDS: usize = 16;
 /// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · head_dim ≤ this.
 const O_CAP: usize = 4096;
 /// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
@@ -79,6 +79,11 @@ pub enum AttentionMutant {
     FusedReadsCache = 7,
     /// Each split-K chunk runs one position into the next (the boundary counted twice).
     ChunkOverlap = 8,
+    /// With `qk_norm_rope`: rotates neighbouring dims (2i, 2i+1) instead of (i, i + D/2). Not in
+    /// [`AttentionMutant::ALL`]: the engine's mutant, caught by tests/qwen3_tokens.rs.
+    InterleavedRope = 9,
+    /// With `qk_norm_rope`: RoPE without the RMSNorm (the engine's mutant, like `InterleavedRope`).
+    SkipQkNorm = 10,
 }
 
 impl AttentionMutant {
@@ -102,6 +107,8 @@ impl AttentionMutant {
             AttentionMutant::MergeNoRescale => "merge_no_rescale",
             AttentionMutant::FusedReadsCache => "fused_reads_cache",
             AttentionMutant::ChunkOverlap => "chunk_overlap",
+            AttentionMutant::InterleavedRope => "interleaved_rope",
+            AttentionMutant::SkipQkNorm => "skip_qk_norm",
         }
     }
 }
@@ -128,6 +135,19 @@ pub struct AttentionParams {
     /// Append the step's new K/V (`new_k`/`new_v`, f32 `[B][n_queries][Hkv][D]`) at positions
     /// `seq_lens[b] − n_queries + t` in the same dispatch; every `seq_lens[b]` ≥ `n_queries`.
     pub fused: bool,
+    /// Fused mode with one query: q and the new K arrive raw, and the dispatch first applies
+    /// Qwen3's per-head RMSNorm (this epsilon, f32 weights) and rotate_half RoPE at the query's
+    /// position (the [`QkNormRope`] buffers) to them, as `shaders/qk_norm_rope.comp` would.
+    pub qk_norm_rope: Option<f32>,
+}
+
+/// The inputs of [`AttentionParams::qk_norm_rope`]: f32 `[head_dim]` norm weights for q and k, and
+/// f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position.
+#[derive(Clone, Copy)]
+pub struct QkNormRope<'a> {
+    pub q_norm: &'a Buffer,
+    pub k_norm: &'a Buffer,
+    pub rope: &'a Buffer,
 }
 
 /// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
@@ -146,6 +166,8 @@ pub struct AttentionBuffers<'a> {
     /// With [`AttentionParams::fused`].
     pub new_k: Option<&'a Buffer>,
     pub new_v: Option<&'a Buffer>,
+    /// With [`AttentionParams::qk_norm_rope`].
+    pub qk_norm_rope: Option<QkNormRope<'a>>,
 }
 
 /// The split pass's layout (specialization constants 1..=6 and the grid's x extent), see
@@ -286,8 +308,22 @@ impl AttentionParams {
         if !device.subgroup_arithmetic {
             return Err(invalid("device", format!("`{}` lacks subgroup operations in compute shaders", device.name)));
         }
-        // The split pass's shared memory: the slot-combine buffers plus (m, l) per head.
-        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP);
+        if let Some(eps) = self.qk_norm_rope {
+            if !self.fused || self.n_queries != 1 {
+                return Err(invalid("qk_norm_rope", "needs the fused mode with one query per sequence"));
+            }
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(invalid("qk_norm_rope", format!("epsilon {eps} is not a finite non-negative number")));
+            }
+            if (self.launch(device).heads + 1) * self.head_dim > O_CAP {
+                return Err(invalid(
+                    "head_dim",
+                    format!("{} does not fit the q/k norm + RoPE prologue", self.head_dim),
+                ));
+            }
+        }
+        // The split pass's shared memory: the slot-combine buffers, (m, l) per head, the new K row.
+        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM);
         if (device.max_compute_shared_memory as usize) < shared {
             return Err(invalid(
                 "device",
@@ -369,6 +405,19 @@ pub fn record<'a>(
         (true, None) => return Err(invalid("sinks", "`sinks` is set but no sinks buffer was given").into()),
         (false, _) => bufs.q,
     };
+    let qk = match (params.qk_norm_rope, bufs.qk_norm_rope) {
+        (Some(_), Some(b)) => {
+            let d = params.head_dim as u64;
+            check_buffer("q_norm", b.q_norm.size(), 4 * d)?;
+            check_buffer("k_norm", b.k_norm.size(), 4 * d)?;
+            check_buffer("rope", b.rope.size(), 4 * d * params.layout.capacity as u64)?;
+            [b.q_norm, b.k_norm, b.rope]
+        }
+        (Some(_), None) => {
+            return Err(invalid("qk_norm_rope", "`qk_norm_rope` is set but its buffers were not given").into());
+        }
+        (None, _) => [bufs.q, bufs.q, bufs.q],
+    };
     let (new_k, new_v) = match (params.fused, bufs.new_k, bufs.new_v) {
         (true, Some(k), Some(v)) => {
             let bytes = 4 * params.new_kv_elements() as u64;
@@ -400,7 +449,7 @@ pub fn record<'a>(
         (6, launch.workgroup_size as u32),
     ];
     let pipeline =
-        ctx.pipeline(&PipelineDesc { shader, bindings: 10, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+        ctx.pipeline(&PipelineDesc { shader, bindings: 13, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -417,7 +466,8 @@ pub fn record<'a>(
         n_chunks as u32,
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
-        u32::from(params.sinks),
+        u32::from(params.sinks) | (u32::from(params.qk_norm_rope.is_some()) << 1),
+        params.qk_norm_rope.unwrap_or(0.0).to_bits(),
     ]);
     let buffers = [
         bufs.q,
@@ -430,6 +480,9 @@ pub fn record<'a>(
         sinks,
         new_k,
         new_v,
+        qk[0],
+        qk[1],
+        qk[2],
     ];
     // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
     let groups =
