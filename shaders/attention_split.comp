@@ -4,7 +4,7 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
-// variants: f32 f16 bf16 f32_fused f16_fused bf16_fused
+// variants: f32 f16 bf16 f32_fused f16_fused bf16_fused f32_fused_qk f16_fused_qk bf16_fused_qk
 //
 // Decode attention, pass 1 of 2 (split-K flash-decoding). One workgroup per (chunk × block of up
 // to HPW query heads of one GQA group, kv head, query token × sequence): the block's heads share
@@ -37,14 +37,26 @@
 // n_queries positions of each sequence) in the same dispatch: every workgroup takes those
 // positions from the new_k/new_v inputs, rounded as the cache stores them, and never reads the
 // slots being written, so no barrier is needed; one workgroup per (sequence, token, kv head)
-// writes them. With FLAG_QK_NORM_ROPE (fused, one query per sequence: the Qwen3 engine) q and
-// the new K arrive raw and every workgroup first applies Qwen3's per-head RMSNorm (f32 weights
+// writes them. The *_fused_qk variants (one query per sequence: the Qwen3 engine) take q and
+// the new K raw, and every workgroup first applies Qwen3's per-head RMSNorm (f32 weights
 // q_norm/k_norm) and rotate_half RoPE (host cos/sin per position and pair) to its query heads and
 // to the new K row, through shared memory, so no separate dispatch and barrier precede attention.
 // Loops are bounded by the chunk: lavapipe's shader compiler silently stops a loop
 // after 65535 iterations. Bindings and push constants mirror src/kernels/attention.rs.
 
-#if defined(VARIANT_F32_FUSED)
+#if defined(VARIANT_F32_FUSED_QK)
+#define VARIANT_F32
+#define FUSED
+#define QK_NORM_ROPE
+#elif defined(VARIANT_F16_FUSED_QK)
+#define VARIANT_F16
+#define FUSED
+#define QK_NORM_ROPE
+#elif defined(VARIANT_BF16_FUSED_QK)
+#define VARIANT_BF16
+#define FUSED
+#define QK_NORM_ROPE
+#elif defined(VARIANT_F32_FUSED)
 #define VARIANT_F32
 #define FUSED
 #elif defined(VARIANT_F16_FUSED)
@@ -69,8 +81,8 @@ const uint M_F16_ACCUMULATE = 4;
 const uint M_V_MISREAD = 5;
 const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots being written
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
-const uint M_INTERLEAVED_ROPE = 9;    // FLAG_QK_NORM_ROPE: rotates neighbours (2i, 2i+1)
-const uint M_SKIP_QK_NORM = 10;       // FLAG_QK_NORM_ROPE: RoPE without the norm
+const uint M_INTERLEAVED_ROPE = 9;    // _qk variants: rotates neighbours (2i, 2i+1)
+const uint M_SKIP_QK_NORM = 10;       // _qk variants: RoPE without the norm
 
 layout(constant_id = 1) const uint LANES = 16;   // invocations per K/V row (power of two)
 layout(constant_id = 2) const uint CPL = 1;      // runs of 8 dims per lane: head_dim ≤ 8·CPL·LANES
@@ -88,8 +100,12 @@ const uint WPR = 1;
 #endif
 
 const uint FLAG_SINKS = 1u;
-const uint FLAG_QK_NORM_ROPE = 2u;
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
+#if defined(QK_NORM_ROPE)
+const uint KNEW = MAX_D;
+#else
+const uint KNEW = 8;
+#endif
 
 layout(push_constant) uniform Params {
     uint n_queries;
@@ -106,8 +122,8 @@ layout(push_constant) uniform Params {
     uint n_chunks;   // 1: write the output directly
     uint window;     // sliding window in positions; 0: none
     float softcap;   // 0: none
-    uint flags;      // FLAG_SINKS | FLAG_QK_NORM_ROPE
-    float eps;       // the q/k RMSNorm epsilon (FLAG_QK_NORM_ROPE)
+    uint flags;      // FLAG_SINKS
+    float eps;       // the q/k RMSNorm epsilon (_qk variants)
 } p;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -130,7 +146,7 @@ layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // 
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
 layout(std430, binding = 8) readonly buffer NewK4 { uvec4 new_k4[]; };
 layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
-layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (FLAG_QK_NORM_ROPE)
+layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (_qk variants)
 layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
 layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
 
@@ -139,7 +155,7 @@ shared float m_s[ML_CAP];    // [slot][head]
 shared float l_s[ML_CAP];
 shared float mm_s[HPW];      // combined (m, l) per head
 shared float ll_s[HPW];
-shared float knew_s[MAX_D];  // FLAG_QK_NORM_ROPE: the new K row, normalised and rotated
+shared float knew_s[KNEW];   // _qk variants: the new K row, normalised and rotated
 
 #if defined(FUSED)
 const bool FUSED_MODE = true;
@@ -147,7 +163,13 @@ const bool FUSED_MODE = true;
 const bool FUSED_MODE = false;
 #endif
 const uint NONE = 0xffffffffu;
-bool qk_rope = false;   // FLAG_QK_NORM_ROPE in a fused variant (uniform; set in main)
+// The *_fused_qk variants: q and the new K arrive raw (a separate variant, so the prologue's
+// code and registers stay out of the others).
+#if defined(QK_NORM_ROPE)
+const bool qk_rope = true;
+#else
+const bool qk_rope = false;
+#endif
 
 // Start of position j's new K/V row in new_k/new_v (fused mode, j >= first_new), else NONE.
 uint new_row(uint b, uint kvh, uint j, uint first_new) {
@@ -162,11 +184,11 @@ vec4 round4(uvec4 w) {
 }
 
 // 8 new-token elements from element e (a multiple of 4: head dims are multiples of 8).
-// With FLAG_QK_NORM_ROPE K comes from knew_s (dc: the element's dim; one new token).
+// In the _qk variants K comes from knew_s (dc: the element's dim; one new token).
 void load_new8(uint e, uint dc, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
     uint i = e / 4u;
     if (qk_rope) {
-        uint j = min(dc, MAX_D - 8u);
+        uint j = min(dc, KNEW - 8u);
         k0 = round4(floatBitsToUint(vec4(knew_s[j], knew_s[j + 1u], knew_s[j + 2u], knew_s[j + 3u])));
         k1 = round4(floatBitsToUint(vec4(knew_s[j + 4u], knew_s[j + 5u], knew_s[j + 6u], knew_s[j + 7u])));
     } else {
@@ -377,7 +399,6 @@ void main() {
     uint slot = gl_SubgroupID * (gl_SubgroupSize / LANES) + gl_SubgroupInvocationID / LANES;
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
-    qk_rope = FUSED_MODE && (p.flags & FLAG_QK_NORM_ROPE) != 0u;
     if (qk_rope) {
         // Rows 0..nh − 1 of o_s: the block's query heads; row nh: the new K row of kv head kvh.
         // Raw values, then each row's Σx², then each pair normalised and rotated in place (pairs
@@ -479,7 +500,7 @@ void main() {
         uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
         uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
         for (uint d = tid; d < D; d += WG) {
-            uint kb = qk_rope ? floatBitsToUint(knew_s[min(d, MAX_D - 1u)]) : (src + d < new_k.length() ? new_k[src + d] : 0u);
+            uint kb = qk_rope ? floatBitsToUint(knew_s[min(d, KNEW - 1u)]) : (src + d < new_k.length() ? new_k[src + d] : 0u);
             if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(kb, false));
             if (src + d < new_v.length() && dst + d < v_cache.length()) v_cache[dst + d] = KV_T(kv_store(new_v[src + d], false));
         }

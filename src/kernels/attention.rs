@@ -429,13 +429,16 @@ pub fn record<'a>(
         (false, _, _) => (bufs.q, bufs.q),
     };
 
-    let shader = match (params.dtype, params.fused) {
-        (Dtype::F32, false) => &shaders::ATTENTION_SPLIT_F32,
-        (Dtype::F16, false) => &shaders::ATTENTION_SPLIT_F16,
-        (Dtype::Bf16, false) => &shaders::ATTENTION_SPLIT_BF16,
-        (Dtype::F32, true) => &shaders::ATTENTION_SPLIT_F32_FUSED,
-        (Dtype::F16, true) => &shaders::ATTENTION_SPLIT_F16_FUSED,
-        (Dtype::Bf16, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
+    let shader = match (params.dtype, params.fused, params.qk_norm_rope.is_some()) {
+        (Dtype::F32, false, _) => &shaders::ATTENTION_SPLIT_F32,
+        (Dtype::F16, false, _) => &shaders::ATTENTION_SPLIT_F16,
+        (Dtype::Bf16, false, _) => &shaders::ATTENTION_SPLIT_BF16,
+        (Dtype::F32, true, false) => &shaders::ATTENTION_SPLIT_F32_FUSED,
+        (Dtype::F16, true, false) => &shaders::ATTENTION_SPLIT_F16_FUSED,
+        (Dtype::Bf16, true, false) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
+        (Dtype::F32, true, true) => &shaders::ATTENTION_SPLIT_F32_FUSED_QK,
+        (Dtype::F16, true, true) => &shaders::ATTENTION_SPLIT_F16_FUSED_QK,
+        (Dtype::Bf16, true, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED_QK,
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let launch = params.launch(ctx.info());
@@ -466,7 +469,7 @@ pub fn record<'a>(
         n_chunks as u32,
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
-        u32::from(params.sinks) | (u32::from(params.qk_norm_rope.is_some()) << 1),
+        u32::from(params.sinks),
         params.qk_norm_rope.unwrap_or(0.0).to_bits(),
     ]);
     let buffers = [
