@@ -423,6 +423,14 @@ pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Qwen3's per-head q/k step on one head in place: RMSNorm with `weight`, then rotate_half RoPE
+/// at `pos` (what the decode attention kernel's q/k-norm + RoPE prologue must compute).
+pub fn qk_norm_rope(head: &mut [f32], weight: &[f32], eps: f64, pos: usize, inv_freq: &[f32]) {
+    let normed = rms_norm(head, weight, eps, None);
+    head.copy_from_slice(&normed);
+    rope(head, pos, inv_freq, false);
+}
+
 /// Rotates one head in place at `pos`. Angles as HF: `f32(pos) · inv_freq[i]` rounded to f32,
 /// cos/sin of that f32 angle rounded to f32; the rotation itself in f64, rounded once.
 fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], interleaved: bool) {

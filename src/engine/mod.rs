@@ -451,7 +451,7 @@ impl Scratch {
 
 /// HF's RoPE factors per (position, i < head_dim/2) as (cos, sin) f32 pairs: the angle is the
 /// f32 product pos·inv_freq[i] (as HF computes it), its cosine and sine rounded once from f64.
-fn rope_table(theta: f64, head_dim: usize, capacity: usize) -> Vec<u8> {
+pub(crate) fn rope_table(theta: f64, head_dim: usize, capacity: usize) -> Vec<u8> {
     let inv_freq = rope_inv_freq(theta, head_dim);
     let mut out = Vec::with_capacity(capacity * head_dim * 4);
     for pos in 0..capacity {

@@ -513,3 +513,216 @@ pub fn record<'a>(
     rec.dispatch(&merge, &buffers, &push, [gx, gy, 1], "decode_attention.merge")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cases::rng::Rng;
+    use crate::cases::tolerance::{U, attention_element_bound};
+    use crate::gpu::Location;
+    use crate::reference::qwen3::{qk_norm_rope, rope_inv_freq};
+    use crate::reference::{AttentionOptions, AttentionShape, decode_attention_with, dtype};
+
+    const EPS: f32 = 1e-6;
+    const THETA: f64 = 1e6;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn upload(ctx: &Arc<Context>, name: &str, bytes: &[u8], location: Location) -> Buffer {
+        let mut b = Buffer::new(ctx, name, bytes.len() as u64, location).expect("buffer");
+        b.write(0, bytes).expect("write");
+        b
+    }
+
+    /// The `_qk` variants against the reference: q and the new K raw, the CPU reference applying
+    /// `qk_norm_rope` (f64, rounded once) before attending over what the GPU wrote to the cache.
+    ///
+    /// Tolerance, derived: the GPU's normalised, rotated value of a pair (x0, x1) (each already
+    /// normalised) differs from the exact one by ≤ η·(|x0| + |x1|), η = (D/2 + 12)·u: Σx² over D
+    /// terms (D + 1)·u, mean and epsilon 2u, halved by the square root, inversesqrt 2 ULP (4u),
+    /// two products 2u, the rotation's two products and sum 2u, and the reference's own two
+    /// roundings 2u. The new K row in the cache may add the cache type's rounding, r·|y| (r = 0,
+    /// 2⁻¹¹, 2⁻⁸), plus the f16 subnormal step. In attention the q error moves a score by
+    /// ≤ η·S_a, S_a = scale·maxⱼ Σ_d a_d·|k_jd| with a_d the pair sums: it joins the score term of
+    /// [`attention_element_bound`] as extra `max_abs_qk` of (D/2 + 12)/(D + 2)·S_a.
+    #[test]
+    fn the_qk_norm_rope_prologue_matches_the_reference() {
+        let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");
+        // (H, Hkv, D, dtype, seq_len, capacity): GQA 1, 2, 5 (Qwen3-14B), 8; head dims 32..256;
+        // the first position; narrow and wide split layouts; one chunk and several.
+        let cases = [
+            (8, 8, 64, Dtype::F32, 37, 40),
+            (4, 2, 32, Dtype::Bf16, 5, 9),
+            (16, 8, 128, Dtype::F16, 1, 4),
+            (16, 2, 128, Dtype::F16, 300, 310),
+            (40, 8, 128, Dtype::Bf16, 700, 700),
+            (8, 2, 256, Dtype::F32, 130, 1100),
+        ];
+        for (case, &(hq, hkv, d, kv, len, capacity)) in cases.iter().enumerate() {
+            let what = format!("h{hq}:kv{hkv}:d{d}:{}:len{len}", kv.name());
+            let mut rng = Rng::stream(case as u64, "qk_norm_rope");
+            let mut normal = |n: usize, sd: f64, mean: f64| -> Vec<f32> {
+                (0..n).map(|_| (mean + sd * rng.normal()) as f32).collect()
+            };
+            let (q, new_k, new_v) = (normal(hq * d, 2.0, 0.0), normal(hkv * d, 2.0, 0.5), normal(hkv * d, 1.0, 0.0));
+            let (q_norm, k_norm) = (normal(d, 0.5, 1.0), normal(d, 0.5, 1.0));
+            let layout = CacheLayout::token_major(1, hkv, capacity, d, 0);
+            let elements = layout.min_elements();
+            let size = kv.size();
+            let mut cache_init = |seed: f64| -> Vec<u8> {
+                let mut bytes = vec![0u8; elements * size];
+                let values = normal(elements, seed, 0.0);
+                for (i, &x) in values.iter().enumerate() {
+                    // The slot being written holds NaN: the kernel must not read it.
+                    let pos = (i / layout.stride_pos) % capacity;
+                    let bits = if pos == len - 1 { dtype::encode(kv, f32::NAN) } else { dtype::encode(kv, x) };
+                    dtype::store(kv, &mut bytes, i, bits);
+                }
+                bytes
+            };
+            let (k_init, v_init) = (cache_init(1.0), cache_init(1.0));
+
+            let params = AttentionParams {
+                n_seqs: 1,
+                n_queries: 1,
+                n_q_heads: hq,
+                n_kv_heads: hkv,
+                head_dim: d,
+                dtype: kv,
+                layout,
+                scale: (d as f32).powf(-0.5),
+                split_chunk: None,
+                window: None,
+                softcap: None,
+                sinks: false,
+                fused: true,
+                qk_norm_rope: Some(EPS),
+            };
+            let up = |name: &str, bytes: &[u8]| upload(&ctx, name, bytes, Location::Upload);
+            let (qb, kb, vb) =
+                (up("q", &f32_bytes(&q)), up("new_k", &f32_bytes(&new_k)), up("new_v", &f32_bytes(&new_v)));
+            let (qn, kn) = (up("q_norm", &f32_bytes(&q_norm)), up("k_norm", &f32_bytes(&k_norm)));
+            let rope = up("rope", &crate::engine::rope_table(THETA, d, capacity));
+            let lens = up("seq_lens", &words(&[len as u32]));
+            let k_cache = upload(&ctx, "k_cache", &k_init, Location::Readback);
+            let v_cache = upload(&ctx, "v_cache", &v_init, Location::Readback);
+            let out = upload(&ctx, "out", &f32_bytes(&vec![f32::NAN; hq * d]), Location::Readback);
+            let po = Buffer::new(&ctx, "partial_o", params.partial_o_bytes(), Location::Device).expect("buffer");
+            let pml = Buffer::new(&ctx, "partial_ml", params.partial_ml_bytes(), Location::Device).expect("buffer");
+            let mut rec = Recorder::new(&ctx).expect("recorder");
+            let bufs = AttentionBuffers {
+                q: &qb,
+                seq_lens: &lens,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+                out: &out,
+                partial_o: &po,
+                partial_ml: &pml,
+                sinks: None,
+                new_k: Some(&kb),
+                new_v: Some(&vb),
+                qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope }),
+            };
+            record(&mut rec, &ctx, &params, bufs, None).expect(&what);
+            rec.submit().expect("submit");
+
+            // The reference's q and new K: normalised and rotated at position len − 1.
+            let pos = len - 1;
+            let inv_freq = rope_inv_freq(THETA, d);
+            let prologue = |raw: &[f32], w: &[f32]| -> (Vec<f32>, Vec<f64>) {
+                let mut rotated = raw.to_vec();
+                let mut pair_sums = vec![0.0; raw.len()];
+                for (h, head) in rotated.chunks_exact_mut(d).enumerate() {
+                    let x = &raw[h * d..][..d];
+                    let ms = x.iter().map(|&e| f64::from(e).powi(2)).sum::<f64>() / d as f64;
+                    let r = 1.0 / (ms + f64::from(EPS)).sqrt();
+                    let normed: Vec<f64> = x.iter().zip(w).map(|(&e, &w)| f64::from(e) * r * f64::from(w)).collect();
+                    for i in 0..d {
+                        pair_sums[h * d + i] = normed[i % (d / 2)].abs() + normed[i % (d / 2) + d / 2].abs();
+                    }
+                    qk_norm_rope(head, w, f64::from(EPS), pos, &inv_freq);
+                }
+                (rotated, pair_sums)
+            };
+            let (q_ref, q_pairs) = prologue(&q, &q_norm);
+            let (k_ref, k_pairs) = prologue(&new_k, &k_norm);
+            let eta = (d as f64 / 2.0 + 12.0) * U;
+            let r = match kv {
+                Dtype::F32 => 0.0,
+                Dtype::F16 => 2f64.powi(-11),
+                Dtype::Bf16 => 2f64.powi(-8),
+            };
+
+            // The cache: the new K row within the bound, the new V row exact, the rest untouched.
+            let (k_gpu, v_gpu) = (k_cache.read().expect("read"), v_cache.read().expect("read"));
+            let at = |i: usize, bytes: &[u8]| dtype::decode(kv, dtype::load(kv, bytes, i));
+            for i in 0..elements {
+                let (p, rest) = ((i / layout.stride_pos) % capacity, i % layout.stride_pos);
+                let (h, dim) = (rest / d, rest % d);
+                if p == pos && rest < hkv * d {
+                    let (got, want) = (f64::from(at(i, &k_gpu)), f64::from(k_ref[h * d + dim]));
+                    let slack = eta * k_pairs[h * d + dim];
+                    let bound = slack + r * (want.abs() + slack) + 2f64.powi(-25);
+                    assert!((got - want).abs() <= bound, "{what}: new K[{h}][{dim}] = {got}, reference {want}");
+                    let v_want = dtype::encode(kv, new_v[h * d + dim]);
+                    assert_eq!(dtype::load(kv, &v_gpu, i), v_want, "{what}: new V[{h}][{dim}]");
+                } else {
+                    assert_eq!(
+                        dtype::load(kv, &k_gpu, i),
+                        dtype::load(kv, &k_init, i),
+                        "{what}: K element {i} changed"
+                    );
+                    assert_eq!(
+                        dtype::load(kv, &v_gpu, i),
+                        dtype::load(kv, &v_init, i),
+                        "{what}: V element {i} changed"
+                    );
+                }
+            }
+
+            // The output against the reference over the cache the GPU wrote.
+            let decoded = |bytes: &[u8]| -> Vec<f32> { (0..elements).map(|i| at(i, bytes)).collect() };
+            let (k_all, v_all) = (decoded(&k_gpu), decoded(&v_gpu));
+            let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: hq, n_kv_heads: hkv, head_dim: d };
+            let scale = f64::from(params.scale);
+            let want = decode_attention_with(
+                &shape,
+                &q_ref,
+                &k_all,
+                &v_all,
+                &layout,
+                &[len],
+                scale,
+                &AttentionOptions::default(),
+            );
+            let got: Vec<f32> =
+                out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let ratio = hq / hkv;
+            for h in 0..hq {
+                let g = h / ratio;
+                let row = |j: usize| (0..d).map(move |dim| j * layout.stride_pos + g * layout.stride_head + dim);
+                let (mut s, mut s_a, mut v_max) = (0f64, 0f64, 0f64);
+                for j in 0..len {
+                    let (mut dot, mut dot_a) = (0.0, 0.0);
+                    for (dim, i) in row(j).enumerate() {
+                        dot += (f64::from(q_ref[h * d + dim]) * f64::from(k_all[i])).abs();
+                        dot_a += q_pairs[h * d + dim] * f64::from(k_all[i]).abs();
+                        v_max = v_max.max(f64::from(v_all[i]).abs());
+                    }
+                    (s, s_a) = (s.max(scale * dot), s_a.max(scale * dot_a));
+                }
+                let qk = s + (d as f64 / 2.0 + 12.0) / (d as f64 + 2.0) * s_a;
+                let bound = attention_element_bound(len, d, qk, v_max, None);
+                for dim in 0..d {
+                    let (o, e) = (f64::from(got[h * d + dim]), want[[0, 0, h, dim]]);
+                    assert!((o - e).abs() <= bound, "{what}: out[{h}][{dim}] = {o}, reference {e}, bound {bound:e}");
+                }
+            }
+        }
+        assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
+    }
+}
