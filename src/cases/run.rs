@@ -100,7 +100,7 @@ fn poison_bytes(bytes: u64) -> Vec<u8> {
     OUTPUT_POISON.to_le_bytes().into_iter().cycle().take(bytes as usize).collect()
 }
 
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
+pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 

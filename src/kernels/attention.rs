@@ -520,6 +520,7 @@ mod tests {
 
     use super::*;
     use crate::cases::rng::Rng;
+    use crate::cases::run::f32_bytes;
     use crate::cases::tolerance::{U, attention_element_bound};
     use crate::gpu::Location;
     use crate::reference::qwen3::{qk_norm_rope, rope_inv_freq};
@@ -528,14 +529,8 @@ mod tests {
     const EPS: f32 = 1e-6;
     const THETA: f64 = 1e6;
 
-    fn f32_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter().flat_map(|x| x.to_le_bytes()).collect()
-    }
-
     fn upload(ctx: &Arc<Context>, name: &str, bytes: &[u8], location: Location) -> Buffer {
-        let mut b = Buffer::new(ctx, name, bytes.len() as u64, location).expect("buffer");
-        b.write(0, bytes).expect("write");
-        b
+        Buffer::with_bytes(ctx, name, bytes, location).expect("buffer")
     }
 
     /// The `_qk` variants against the reference: q and the new K raw, the CPU reference applying
