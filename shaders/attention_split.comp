@@ -6,7 +6,7 @@
 #extension GL_KHR_shader_subgroup_arithmetic : require
 // variants: f32 f16 bf16 f32_fused f16_fused bf16_fused f32_fused_qk f16_fused_qk bf16_fused_qk
 //
-// Decode attention, pass 1 of 2 (split-K flash-decoding). One workgroup per (chunk × block of up
+// Decode attention, split-K flash-decoding in one dispatch. One workgroup per (chunk × block of up
 // to HPW query heads of one GQA group, kv head, query token × sequence): the block's heads share
 // every K/V element the workgroup reads, so with HPW ≥ the GQA ratio each K/V element of a chunk
 // comes from memory once. Blocks of one chunk are adjacent in x, so with several blocks per kv
@@ -25,8 +25,10 @@
 //   softmax: running max m (finite floor), sum l, rescale alpha, per head, in every lane;
 //   P·V:    acc[head][own dims] = alpha·acc + Σ p·v, with the V rows loaded beside the K rows.
 // At the end the slots' (acc, m, l) are combined by log-sum-exp through shared memory (the only
-// barriers), and the workgroup writes its partial (O, m, l) per head; attention_merge.comp
-// combines chunks. With a single chunk it writes the normalised output directly, sinks included.
+// barriers), and the workgroup writes its partial (O, m, l) per head. With few chunks
+// (FLAG_MERGE_HERE) the last workgroup of each group of chunks merges them (a device-scope
+// counter: no second dispatch, no barrier); with many, attention_merge.comp does, in parallel.
+// With a single chunk it writes the normalised output directly, sinks included.
 // LANES, CPL, HPW, NP and WG are specialization constants (src/kernels/attention.rs picks them
 // from the head dim, the GQA ratio and the device's subgroup size) so the loops unroll and the
 // per-lane arrays stay in registers.
@@ -81,6 +83,7 @@ const uint M_F16_ACCUMULATE = 4;
 const uint M_V_MISREAD = 5;
 const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots being written
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
+const uint M_MERGE_NO_RESCALE = 6;    // merges chunks without the exp(m_c − M) rescale
 const uint M_INTERLEAVED_ROPE = 9;    // _qk variants: rotates neighbours (2i, 2i+1)
 const uint M_SKIP_QK_NORM = 10;       // _qk variants: RoPE without the norm
 
@@ -100,6 +103,7 @@ const uint WPR = 1;
 #endif
 
 const uint FLAG_SINKS = 1u;
+const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 #if defined(QK_NORM_ROPE)
 const uint KNEW = MAX_D;
@@ -139,8 +143,9 @@ layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
 layout(std430, binding = 2) readonly buffer KCache4 { uvec4 k4[]; };
 layout(std430, binding = 3) readonly buffer VCache4 { uvec4 v4[]; };
 layout(std430, binding = 4) writeonly buffer Out { float o[]; };
-layout(std430, binding = 5) writeonly buffer PartialO { float part_o[]; };   // [row][chunk][D]
-layout(std430, binding = 6) writeonly buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
+// Partials are coherent: one workgroup's writes are read by the group's last workgroup.
+layout(std430, binding = 5) coherent buffer PartialO { float part_o[]; };   // [row][chunk][D]
+layout(std430, binding = 6) coherent buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
 layout(std430, binding = 7) readonly buffer Sinks { float sinks[]; };        // [n_q_heads]
 layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // [B][n_queries][Hkv][D] f32
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
@@ -149,12 +154,15 @@ layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
 layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (_qk variants)
 layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
 layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
+// Chunks counted per group of workgroups sharing output rows; zero between calls.
+layout(std430, binding = 13) coherent buffer Counters { uint counters[]; };
 
 shared float o_s[O_CAP];     // [head of the round][slot][D]
 shared float m_s[ML_CAP];    // [slot][head]
 shared float l_s[ML_CAP];
 shared float mm_s[HPW];      // combined (m, l) per head
 shared float ll_s[HPW];
+shared bool last_s;          // this workgroup counted its group's last chunk
 shared float knew_s[KNEW];   // _qk variants: the new K row, normalised and rotated
 
 #if defined(FUSED)
@@ -570,8 +578,58 @@ void main() {
             barrier();   // o_s is rewritten by the next round
         }
     }
-    if (p.n_chunks != 1u && tid < nh) {
+    if (p.n_chunks == 1u) return;   // uniform
+    if (tid < nh) {
         uint part = (row0 + tid) * p.n_chunks + c;
         if (part < part_ml.length()) part_ml[part] = vec2(mm_s[tid], ll_s[tid]);
+    }
+    if ((p.flags & FLAG_MERGE_HERE) == 0u) return;   // attention_merge.comp merges (uniform)
+
+    // Split-K merge in the same dispatch (FLAG_MERGE_HERE): every workgroup publishes its
+    // partials, then counts its chunk; the one that counts the group's last chunk merges the rows by log-sum-exp,
+    // M = max m_c, O = Σ O_c·exp(m_c − M) / Σ l_c·exp(m_c − M), and resets the counter for the
+    // next call. Chunks with l_c = 0 carry no weight; a row with no visible position gives 0; a
+    // sink joins the denominator as a chunk with l = 1 and O = 0.
+    memoryBarrierBuffer();
+    barrier();
+    uint grp = (gl_WorkGroupID.z * p.n_kv_heads + g) * blocks + blk;
+    if (tid == 0u) {
+        uint done = grp < counters.length() ? atomicAdd(counters[grp], 1u) : 0u;
+        last_s = done + 1u == p.n_chunks;
+    }
+    barrier();
+    if (!last_s) return;   // uniform
+    memoryBarrierBuffer();
+    if (tid == 0u && grp < counters.length()) counters[grp] = 0u;
+    for (uint oi = tid; oi < nh * D; oi += WG) {
+        uint hh = oi / D;
+        uint d = oi - hh * D;
+        uint first = (row0 + hh) * p.n_chunks;
+        if (first + p.n_chunks > part_ml.length()) continue;
+        float M = NEG_FLOOR;
+        bool any = false;
+        for (uint cc = 0; cc < p.n_chunks; ++cc) {
+            vec2 x = part_ml[first + cc];
+            if (x.y > 0.0) {
+                M = max(M, x.x);
+                any = true;
+            }
+        }
+        uint h = h0 + hh;
+        bool sink = any && (p.flags & FLAG_SINKS) != 0u && h < sinks.length();
+        if (sink) M = max(M, sinks[h]);
+        float L = sink ? exp(sinks[h] - M) : 0.0;
+        float sum = 0.0;
+        for (uint cc = 0; cc < p.n_chunks; ++cc) {
+            vec2 x = part_ml[first + cc];
+            uint idx = (first + cc) * D + d;
+            if (x.y > 0.0 && idx < part_o.length()) {
+                float w = MUTANT == M_MERGE_NO_RESCALE ? 1.0 : exp(x.x - M);
+                L += x.y * w;
+                sum += part_o[idx] * w;
+            }
+        }
+        uint idx = (row0 + hh) * D + d;
+        if (idx < o.length()) o[idx] = L > 0.0 ? sum / L : 0.0;
     }
 }

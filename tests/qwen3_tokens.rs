@@ -186,9 +186,10 @@ fn a_token_costs_one_submit_one_wait_no_copies() {
     let out = f.engine.generate(&g.prompt[..4], 3, &options, |_| {}).expect("generate");
     let n = out.counters;
     assert_eq!((n.tokens_per_submit, n.submits, n.host_waits, n.copies, n.host_read_bytes), (1, 1, 1, 0, 4), "{n:?}");
-    // Per layer: norm+q/k/v, attention with q/k-norm+RoPE (split, and merge when the cache is
-    // split), o, norm+gate/up+SwiGLU, down; around them: embed, final norm+LM head, argmax ×2. A barrier
-    // after every stage (and between split and merge, and between the argmax passes).
+    // Per layer: norm+q/k/v, attention with q/k-norm+RoPE (split, and a merge dispatch when the
+    // cache has many chunks), o, norm+gate/up+SwiGLU, down; around them: embed, final norm+LM
+    // head, argmax ×2. A barrier after every stage (and before a merge, and between the argmax
+    // passes).
     let layers = c.num_hidden_layers as u32;
     let attention = n.dispatches - (layers * 4 + 4);
     assert!(

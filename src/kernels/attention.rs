@@ -1,9 +1,10 @@
-//! Decode attention: split-K in two passes. `shaders/attention_split.comp` computes per-chunk
+//! Decode attention: split-K flash-decoding. `shaders/attention_split.comp` computes per-chunk
 //! partials (O, m, l) with an online softmax, lanes of a subgroup sharing each K/V row (16-byte
-//! loads, shuffle reductions); `shaders/attention_merge.comp` merges them by log-sum-exp (skipped
-//! with one chunk). [`AttentionParams::launch`] picks the split pass's specialization constants
-//! from the head dim, the GQA ratio and the device's subgroup size; both passes need subgroup
-//! operations (shuffle, arithmetic) in compute shaders.
+//! loads, shuffle reductions). With a few chunks the last workgroup of each group of chunks (a
+//! device-scope counter) merges them by log-sum-exp in the same dispatch; with more,
+//! `shaders/attention_merge.comp` does after a barrier, in parallel. [`AttentionParams::launch`]
+//! picks the specialization constants from the head dim, the GQA ratio, the chunk length and the
+//! device's subgroup size; the kernels need subgroup operations (shuffle, arithmetic).
 //! Options: sliding window, logit softcap, attention sinks, and a fused mode that appends the
 //! step's new K/V (the last `n_queries` positions of each sequence) in the same dispatch.
 //!
@@ -45,13 +46,17 @@ const MAX_HEADS_PER_WORKGROUP: usize = WIDE.0 / 8;
 /// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
 /// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
 const SPLIT_WG: usize = 256;
-const MERGE_PUSH_WORDS: usize = 5;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
 /// Smallest and largest automatic chunk: below 256 positions a workgroup's fixed costs (query
 /// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds.
 pub const MIN_AUTO_CHUNK: usize = 256;
 pub const MAX_AUTO_CHUNK: usize = 1024;
+/// Most chunks the split pass merges itself. H100, one call: at kv 512 (2 chunks) merging in the
+/// split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv 16384 (32 chunks) the
+/// serial merge of one workgroup took 55 → 81 µs against the parallel merge dispatch.
+const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
+const MERGE_PUSH_WORDS: usize = 5;
 /// Split workgroups the automatic chunk size aims at.
 pub const TARGET_WORKGROUPS: usize = 256;
 /// Query tokens per sequence (speculative verification uses up to 8).
@@ -151,8 +156,9 @@ pub struct QkNormRope<'a> {
 }
 
 /// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
-/// buffers hold the split-K intermediates (sizes from [`AttentionParams::partial_o_bytes`] and
-/// [`AttentionParams::partial_ml_bytes`]; unused, but bound, with one chunk).
+/// buffers and the counters hold the split-K intermediates (sizes from
+/// [`AttentionParams::partial_o_bytes`], [`AttentionParams::partial_ml_bytes`] and
+/// [`AttentionParams::counters_bytes`]; unused, but bound, with one chunk).
 pub struct AttentionBuffers<'a> {
     pub q: &'a Buffer,
     pub seq_lens: &'a Buffer,
@@ -161,6 +167,8 @@ pub struct AttentionBuffers<'a> {
     pub out: &'a Buffer,
     pub partial_o: &'a Buffer,
     pub partial_ml: &'a Buffer,
+    /// Zeros: see [`AttentionParams::counters_bytes`] and [`zeroed_counters`].
+    pub counters: &'a Buffer,
     /// With [`AttentionParams::sinks`].
     pub sinks: Option<&'a Buffer>,
     /// With [`AttentionParams::fused`].
@@ -248,6 +256,19 @@ impl AttentionParams {
     pub fn partial_o_bytes(&self) -> u64 {
         let (_, chunks) = self.split();
         (self.q_elements() * chunks * 4) as u64
+    }
+
+    /// Whether the split pass merges its chunks itself (a few chunks: the last workgroup of each
+    /// group merges serially) rather than a second, parallel merge dispatch after a barrier.
+    pub fn merges_in_split(&self) -> bool {
+        (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split().1)
+    }
+
+    /// Bytes of the chunk-counter buffer (u32, one per group of split workgroups sharing output
+    /// rows; at most one per query row). It must hold zeros before the first call, and every
+    /// call leaves it so; calls sharing it must be separated by a barrier.
+    pub fn counters_bytes(&self) -> u64 {
+        (self.n_seqs * self.n_queries * self.n_q_heads * 4) as u64
     }
 
     /// Bytes of the partial (m, l) buffer: `[rows][chunks]` pairs of f32.
@@ -387,6 +408,7 @@ pub fn record<'a>(
     let q_bytes = (params.q_elements() * 4) as u64;
     let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
     let (chunk, n_chunks) = params.split();
+    let merge_in_split = params.merges_in_split();
     check_buffer("q", bufs.q.size(), q_bytes)?;
     check_buffer("out", bufs.out.size(), q_bytes)?;
     check_buffer("seq_lens", bufs.seq_lens.size(), 4 * params.n_seqs as u64)?;
@@ -395,6 +417,7 @@ pub fn record<'a>(
     if n_chunks > 1 {
         check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes())?;
         check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes())?;
+        check_buffer("counters", bufs.counters.size(), params.counters_bytes())?;
     }
     // Absent optional inputs bind a buffer the shader never reads in that mode.
     let sinks = match (params.sinks, bufs.sinks) {
@@ -452,7 +475,7 @@ pub fn record<'a>(
         (6, launch.workgroup_size as u32),
     ];
     let pipeline =
-        ctx.pipeline(&PipelineDesc { shader, bindings: 13, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+        ctx.pipeline(&PipelineDesc { shader, bindings: 14, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -469,7 +492,7 @@ pub fn record<'a>(
         n_chunks as u32,
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
-        u32::from(params.sinks),
+        u32::from(params.sinks) | (u32::from(merge_in_split) << 1),
         params.qk_norm_rope.unwrap_or(0.0).to_bits(),
     ]);
     let buffers = [
@@ -486,12 +509,13 @@ pub fn record<'a>(
         qk[0],
         qk[1],
         qk[2],
+        bufs.counters,
     ];
     // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
     let groups =
         [(n_chunks * launch.head_blocks) as u32, params.n_kv_heads as u32, (params.n_seqs * params.n_queries) as u32];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
-    if n_chunks == 1 {
+    if n_chunks == 1 || merge_in_split {
         return Ok(());
     }
 
@@ -512,6 +536,16 @@ pub fn record<'a>(
     let buffers = [bufs.partial_o, bufs.partial_ml, bufs.out, sinks];
     rec.dispatch(&merge, &buffers, &push, [gx, gy, 1], "decode_attention.merge")?;
     Ok(())
+}
+
+/// A chunk-counter buffer for `params` holding zeros (host-visible; device-local where the device
+/// offers such memory).
+pub fn zeroed_counters(
+    ctx: &std::sync::Arc<Context>,
+    params: &AttentionParams,
+) -> Result<Buffer, crate::gpu::GpuError> {
+    let bytes = params.counters_bytes() as usize;
+    Buffer::with_bytes(ctx, "attention.counters", &vec![0; bytes], crate::gpu::Location::Upload)
 }
 
 #[cfg(test)]
@@ -608,6 +642,7 @@ mod tests {
             let out = upload(&ctx, "out", &f32_bytes(&vec![f32::NAN; hq * d]), Location::Readback);
             let po = Buffer::new(&ctx, "partial_o", params.partial_o_bytes(), Location::Device).expect("buffer");
             let pml = Buffer::new(&ctx, "partial_ml", params.partial_ml_bytes(), Location::Device).expect("buffer");
+            let counters = zeroed_counters(&ctx, &params).expect("buffer");
             let mut rec = Recorder::new(&ctx).expect("recorder");
             let bufs = AttentionBuffers {
                 q: &qb,
@@ -617,6 +652,7 @@ mod tests {
                 out: &out,
                 partial_o: &po,
                 partial_ml: &pml,
+                counters: &counters,
                 sinks: None,
                 new_k: Some(&kb),
                 new_v: Some(&vb),
