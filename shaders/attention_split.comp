@@ -6,7 +6,7 @@
 #extension GL_KHR_shader_subgroup_arithmetic : require
 // variants: f32 f16 bf16 f32_fused f16_fused bf16_fused f32_fused_qk f16_fused_qk bf16_fused_qk
 //
-// Decode attention, split-K flash-decoding in one dispatch. One workgroup per (chunk × block of up
+// Decode attention, split-K flash-decoding, the split pass. One workgroup per (chunk × block of up
 // to HPW query heads of one GQA group, kv head, query token × sequence): the block's heads share
 // every K/V element the workgroup reads, so with HPW ≥ the GQA ratio each K/V element of a chunk
 // comes from memory once. Blocks of one chunk are adjacent in x, so with several blocks per kv
@@ -25,9 +25,10 @@
 //   softmax: running max m (finite floor), sum l, rescale alpha, per head, in every lane;
 //   P·V:    acc[head][own dims] = alpha·acc + Σ p·v, with the V rows loaded beside the K rows.
 // At the end the slots' (acc, m, l) are combined by log-sum-exp through shared memory (the only
-// barriers), and the workgroup writes its partial (O, m, l) per head. With few chunks
-// (FLAG_MERGE_HERE) the last workgroup of each group of chunks merges them (a device-scope
-// counter: no second dispatch, no barrier); with many, attention_merge.comp does, in parallel.
+// barriers), and the workgroup writes its partial (O, m, l) per head. In the _qk variants, with
+// few chunks (FLAG_MERGE_HERE), the last workgroup of each group of chunks merges them (a
+// device-scope counter: no second dispatch, no barrier); otherwise attention_merge.comp does, in
+// parallel. (Compiled into every variant, the merge doubled lavapipe's compile-bound test time.)
 // With a single chunk it writes the normalised output directly, sinks included.
 // LANES, CPL, HPW, NP and WG are specialization constants (src/kernels/attention.rs picks them
 // from the head dim, the GQA ratio and the device's subgroup size) so the loops unroll and the
@@ -83,7 +84,6 @@ const uint M_F16_ACCUMULATE = 4;
 const uint M_V_MISREAD = 5;
 const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots being written
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
-const uint M_MERGE_NO_RESCALE = 6;    // merges chunks without the exp(m_c − M) rescale
 const uint M_INTERLEAVED_ROPE = 9;    // _qk variants: rotates neighbours (2i, 2i+1)
 const uint M_SKIP_QK_NORM = 10;       // _qk variants: RoPE without the norm
 
@@ -103,7 +103,10 @@ const uint WPR = 1;
 #endif
 
 const uint FLAG_SINKS = 1u;
+#if defined(QK_NORM_ROPE)
+const uint M_MERGE_NO_RESCALE = 6;   // merges chunks without the exp(m_c − M) rescale
 const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
+#endif
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 #if defined(QK_NORM_ROPE)
 const uint KNEW = MAX_D;
@@ -143,9 +146,14 @@ layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
 layout(std430, binding = 2) readonly buffer KCache4 { uvec4 k4[]; };
 layout(std430, binding = 3) readonly buffer VCache4 { uvec4 v4[]; };
 layout(std430, binding = 4) writeonly buffer Out { float o[]; };
+#if defined(QK_NORM_ROPE)
 // Partials are coherent: one workgroup's writes are read by the group's last workgroup.
 layout(std430, binding = 5) coherent buffer PartialO { float part_o[]; };   // [row][chunk][D]
 layout(std430, binding = 6) coherent buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
+#else
+layout(std430, binding = 5) writeonly buffer PartialO { float part_o[]; };   // [row][chunk][D]
+layout(std430, binding = 6) writeonly buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
+#endif
 layout(std430, binding = 7) readonly buffer Sinks { float sinks[]; };        // [n_q_heads]
 layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // [B][n_queries][Hkv][D] f32
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
@@ -154,15 +162,19 @@ layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
 layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (_qk variants)
 layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
 layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
+#if defined(QK_NORM_ROPE)
 // Chunks counted per group of workgroups sharing output rows; zero between calls.
 layout(std430, binding = 13) coherent buffer Counters { uint counters[]; };
+#endif
 
 shared float o_s[O_CAP];     // [head of the round][slot][D]
 shared float m_s[ML_CAP];    // [slot][head]
 shared float l_s[ML_CAP];
 shared float mm_s[HPW];      // combined (m, l) per head
 shared float ll_s[HPW];
+#if defined(QK_NORM_ROPE)
 shared bool last_s;          // this workgroup counted its group's last chunk
+#endif
 shared float knew_s[KNEW];   // _qk variants: the new K row, normalised and rotated
 
 #if defined(FUSED)
@@ -578,12 +590,13 @@ void main() {
             barrier();   // o_s is rewritten by the next round
         }
     }
-    if (p.n_chunks == 1u) return;   // uniform
-    if (tid < nh) {
+    if (p.n_chunks != 1u && tid < nh) {
         uint part = (row0 + tid) * p.n_chunks + c;
         if (part < part_ml.length()) part_ml[part] = vec2(mm_s[tid], ll_s[tid]);
     }
-    if ((p.flags & FLAG_MERGE_HERE) == 0u) return;   // attention_merge.comp merges (uniform)
+#if defined(QK_NORM_ROPE)
+    // One chunk: written above; without FLAG_MERGE_HERE attention_merge.comp merges (uniform).
+    if (p.n_chunks == 1u || (p.flags & FLAG_MERGE_HERE) == 0u) return;
 
     // Split-K merge in the same dispatch (FLAG_MERGE_HERE): every workgroup publishes its
     // partials, then counts its chunk; the one that counts the group's last chunk merges the rows by log-sum-exp,
@@ -632,4 +645,5 @@ void main() {
         uint idx = (row0 + hh) * D + d;
         if (idx < o.length()) o[idx] = L > 0.0 ? sum / L : 0.0;
     }
+#endif
 }

@@ -1,5 +1,5 @@
-//! Decode-attention benchmark: the time per call of [`kernels::attention::record`] (everything
-//! one call records) at a decode shape, in one of three modes
+//! Decode-attention benchmark: the time per call of [`kernels::attention::record`] (split pass
+//! and merge, everything one call records) at a decode shape, in one of three modes
 //! ([`Mode`]): attention alone, KV append then attention (two kernels and a barrier), or the fused
 //! append+attend path.
 //!
@@ -221,7 +221,7 @@ pub struct AttentionMeasurement {
     pub shape: DecodeShape,
     pub mode: Mode,
     pub layout: LayoutKind,
-    /// Positions per split-K chunk and number of chunks (1: no merge).
+    /// Positions per split-K chunk and number of chunks (1: no merge pass).
     pub split_chunk: usize,
     pub split_chunks: usize,
     /// Bytes counted per call (K+V read once).
@@ -323,7 +323,7 @@ pub fn measure(
 
 /// [`measure`] with a deliberate slowdown, to prove that the throughput gate (`vkdecode gate
 /// --slow-down-attention K`) catches a slower kernel: every call records the attention call
-/// `extra_passes` more times, each after a barrier and reading
+/// (split pass, and merge when split) `extra_passes` more times, each after a barrier and reading
 /// the next K/V copy of the rotation (so the extra passes are memory traffic, not cache hits,
 /// when there are several copies). Bytes counted stay those of one call, so the figures come out
 /// about (1 + `extra_passes`)× slower. `extra_passes` 0 is [`measure`].
@@ -353,7 +353,6 @@ pub fn measure_slowed(
     let out = Buffer::new(ctx, "bench.attention.out", 4 * q_elements as u64, Location::Device)?;
     let partial_o = Buffer::new(ctx, "bench.attention.partial_o", p.partial_o_bytes(), Location::Device)?;
     let partial_ml = Buffer::new(ctx, "bench.attention.partial_ml", p.partial_ml_bytes(), Location::Device)?;
-    let counters = attention::zeroed_counters(ctx, &p)?;
 
     let what = format!("attention {} ({})", shape.spec(), mode.name());
     let timing = time_calls(
@@ -378,7 +377,6 @@ pub fn measure_slowed(
                 out: &out,
                 partial_o: &partial_o,
                 partial_ml: &partial_ml,
-                counters: &counters,
                 sinks: None,
                 new_k: fused.then_some(&new_k),
                 new_v: fused.then_some(&new_v),
@@ -460,7 +458,7 @@ mod tests {
     fn every_mode_times_on_the_device_with_the_expected_commands_per_call() {
         let ctx = Arc::new(Context::new(&crate::gpu::ContextOptions::from_env()).expect("a Vulkan device"));
         // 128 KiB of K+V (2 heads × 256 positions × 64 × 2 B, twice) and a 96 KiB "cache":
-        // two copies in rotation; chunks of 64 give 4 split chunks (merged in the same dispatch).
+        // two copies in rotation; chunks of 64 give 4 split chunks (so the merge runs).
         let shape = DecodeShape::parse("h4:kv2:d64:len256:f16:q2", Dtype::F16).unwrap();
         let config = AttentionBenchConfig {
             timing: TimingConfig { iters: 3, repeats: 2, warmup: 1 },
@@ -469,7 +467,7 @@ mod tests {
             llc_bytes: 96 << 10,
         };
         for (mode, dispatches, barriers) in
-            [(Mode::Attention, 1, 0), (Mode::AppendThenAttend, 2, 1), (Mode::Fused, 1, 0)]
+            [(Mode::Attention, 2, 1), (Mode::AppendThenAttend, 3, 2), (Mode::Fused, 2, 1)]
         {
             let mut submits = 0;
             let m = measure(&ctx, &shape, mode, &config, &mut || submits += 1).unwrap();

@@ -145,7 +145,6 @@ struct AttentionUploads {
     out: Buffer,
     partial_o: Buffer,
     partial_ml: Buffer,
-    counters: Buffer,
     sinks: Option<Buffer>,
     /// The step's new K/V (fused inputs), when the inputs have them.
     new_kv: Option<(Buffer, Buffer)>,
@@ -170,7 +169,6 @@ impl AttentionUploads {
             out: poisoned("attention.out", 4 * p.q_elements() as u64, Location::Readback)?,
             partial_o: poisoned("attention.partial_o", p.partial_o_bytes(), Location::Upload)?,
             partial_ml: poisoned("attention.partial_ml", p.partial_ml_bytes(), Location::Upload)?,
-            counters: attention::zeroed_counters(ctx, p)?,
             sinks: inputs
                 .sinks
                 .as_ref()
@@ -197,7 +195,6 @@ impl AttentionUploads {
             out: &self.out,
             partial_o: &self.partial_o,
             partial_ml: &self.partial_ml,
-            counters: &self.counters,
             sinks: self.sinks.as_ref(),
             new_k: new_kv.map(|(k, _)| k),
             new_v: new_kv.map(|(_, v)| v),

@@ -49,12 +49,17 @@ const SPLIT_WG: usize = 256;
 /// Positions per split-K chunk: a multiple of the shader's 64-wide tile.
 pub const CHUNK_TILE: usize = 64;
 /// Smallest and largest automatic chunk: below 256 positions a workgroup's fixed costs (query
-/// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds.
+/// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds. (H100,
+/// Qwen3 decode step at ctx 512: chunks of 64 took 8B's attention from 634 to 862 µs/token and
+/// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs.)
 pub const MIN_AUTO_CHUNK: usize = 256;
 pub const MAX_AUTO_CHUNK: usize = 1024;
-/// Most chunks the split pass merges itself. H100, one call: at kv 512 (2 chunks) merging in the
-/// split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv 16384 (32 chunks) the
-/// serial merge of one workgroup took 55 → 81 µs against the parallel merge dispatch.
+/// Most chunks the split pass merges itself (`_qk` variants). H100, one call: at kv 512 (2
+/// chunks) merging in the split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv
+/// 16384 (32 chunks) the serial merge of one workgroup took 55 → 81 µs against the parallel merge
+/// dispatch; Qwen3-0.6B at ctx 512 (3 chunks): 1550 → 1500 µs/token. Staging the chunk weights
+/// through shared memory with the partial loads unrolled was slower at 3 chunks (500 against
+/// 475 µs/token of attention).
 const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Split workgroups the automatic chunk size aims at.
@@ -146,19 +151,21 @@ pub struct AttentionParams {
     pub qk_norm_rope: Option<f32>,
 }
 
-/// The inputs of [`AttentionParams::qk_norm_rope`]: f32 `[head_dim]` norm weights for q and k, and
-/// f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position.
+/// The inputs of [`AttentionParams::qk_norm_rope`]: f32 `[head_dim]` norm weights for q and k,
+/// f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position, and the chunk counters of the
+/// in-split merge (see [`AttentionParams::merges_in_split`]; zeros, sized by
+/// [`AttentionParams::counters_bytes`], from [`zeroed_counters`]).
 #[derive(Clone, Copy)]
 pub struct QkNormRope<'a> {
     pub q_norm: &'a Buffer,
     pub k_norm: &'a Buffer,
     pub rope: &'a Buffer,
+    pub counters: &'a Buffer,
 }
 
 /// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
-/// buffers and the counters hold the split-K intermediates (sizes from
-/// [`AttentionParams::partial_o_bytes`], [`AttentionParams::partial_ml_bytes`] and
-/// [`AttentionParams::counters_bytes`]; unused, but bound, with one chunk).
+/// buffers hold the split-K intermediates (sizes from [`AttentionParams::partial_o_bytes`] and
+/// [`AttentionParams::partial_ml_bytes`]; unused, but bound, with one chunk).
 pub struct AttentionBuffers<'a> {
     pub q: &'a Buffer,
     pub seq_lens: &'a Buffer,
@@ -167,8 +174,6 @@ pub struct AttentionBuffers<'a> {
     pub out: &'a Buffer,
     pub partial_o: &'a Buffer,
     pub partial_ml: &'a Buffer,
-    /// Zeros: see [`AttentionParams::counters_bytes`] and [`zeroed_counters`].
-    pub counters: &'a Buffer,
     /// With [`AttentionParams::sinks`].
     pub sinks: Option<&'a Buffer>,
     /// With [`AttentionParams::fused`].
@@ -258,10 +263,13 @@ impl AttentionParams {
         (self.q_elements() * chunks * 4) as u64
     }
 
-    /// Whether the split pass merges its chunks itself (a few chunks: the last workgroup of each
-    /// group merges serially) rather than a second, parallel merge dispatch after a barrier.
+    /// Whether the split pass merges its chunks itself (the last workgroup of each group of
+    /// chunks, counted on a device-scope counter) rather than a second merge dispatch after a
+    /// barrier: with 2..=[`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks, in the `qk_norm_rope` (decode
+    /// engine) variants only. Compiled into every variant, that code doubled lavapipe's time for
+    /// the property tests (174 → 355 s), so the other callers keep the merge pass.
     pub fn merges_in_split(&self) -> bool {
-        (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split().1)
+        self.qk_norm_rope.is_some() && (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split().1)
     }
 
     /// Bytes of the chunk-counter buffer (u32, one per group of split workgroups sharing output
@@ -417,7 +425,6 @@ pub fn record<'a>(
     if n_chunks > 1 {
         check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes())?;
         check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes())?;
-        check_buffer("counters", bufs.counters.size(), params.counters_bytes())?;
     }
     // Absent optional inputs bind a buffer the shader never reads in that mode.
     let sinks = match (params.sinks, bufs.sinks) {
@@ -434,12 +441,13 @@ pub fn record<'a>(
             check_buffer("q_norm", b.q_norm.size(), 4 * d)?;
             check_buffer("k_norm", b.k_norm.size(), 4 * d)?;
             check_buffer("rope", b.rope.size(), 4 * d * params.layout.capacity as u64)?;
-            [b.q_norm, b.k_norm, b.rope]
+            check_buffer("counters", b.counters.size(), params.counters_bytes())?;
+            [b.q_norm, b.k_norm, b.rope, b.counters]
         }
         (Some(_), None) => {
             return Err(invalid("qk_norm_rope", "`qk_norm_rope` is set but its buffers were not given").into());
         }
-        (None, _) => [bufs.q, bufs.q, bufs.q],
+        (None, _) => [bufs.q, bufs.q, bufs.q, bufs.q],
     };
     let (new_k, new_v) = match (params.fused, bufs.new_k, bufs.new_v) {
         (true, Some(k), Some(v)) => {
@@ -474,8 +482,14 @@ pub fn record<'a>(
         (5, u32::from(launch.vector_loads)),
         (6, launch.workgroup_size as u32),
     ];
-    let pipeline =
-        ctx.pipeline(&PipelineDesc { shader, bindings: 14, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
+    // The chunk counters (binding 13) exist in the `_qk` variants only.
+    let bindings: usize = if params.qk_norm_rope.is_some() { 14 } else { 13 };
+    let pipeline = ctx.pipeline(&PipelineDesc {
+        shader,
+        bindings: bindings as u32,
+        push_constant_bytes: 4 * PUSH_WORDS as u32,
+        spec: &spec,
+    })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -509,12 +523,12 @@ pub fn record<'a>(
         qk[0],
         qk[1],
         qk[2],
-        bufs.counters,
+        qk[3],
     ];
     // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
     let groups =
         [(n_chunks * launch.head_blocks) as u32, params.n_kv_heads as u32, (params.n_seqs * params.n_queries) as u32];
-    rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
+    rec.dispatch(&pipeline, &buffers[..bindings], &push, groups, "decode_attention.split")?;
     if n_chunks == 1 || merge_in_split {
         return Ok(());
     }
@@ -583,7 +597,7 @@ mod tests {
         let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");
         // (H, Hkv, D, dtype, seq_len, capacity): GQA 1, 2, 5 (Qwen3-14B), 8; head dims 32..256;
         // the first position; narrow and wide split layouts; one chunk and several.
-        let cases = [
+        let cases: [QkCase; 6] = [
             (8, 8, 64, Dtype::F32, 37, 40),
             (4, 2, 32, Dtype::Bf16, 5, 9),
             (16, 8, 128, Dtype::F16, 1, 4),
@@ -591,169 +605,186 @@ mod tests {
             (40, 8, 128, Dtype::Bf16, 700, 700),
             (8, 2, 256, Dtype::F32, 130, 1100),
         ];
-        for (case, &(hq, hkv, d, kv, len, capacity)) in cases.iter().enumerate() {
-            let what = format!("h{hq}:kv{hkv}:d{d}:{}:len{len}", kv.name());
-            let mut rng = Rng::stream(case as u64, "qk_norm_rope");
-            let mut normal = |n: usize, sd: f64, mean: f64| -> Vec<f32> {
-                (0..n).map(|_| (mean + sd * rng.normal()) as f32).collect()
-            };
-            let (q, new_k, new_v) = (normal(hq * d, 2.0, 0.0), normal(hkv * d, 2.0, 0.5), normal(hkv * d, 1.0, 0.0));
-            let (q_norm, k_norm) = (normal(d, 0.5, 1.0), normal(d, 0.5, 1.0));
-            let layout = CacheLayout::token_major(1, hkv, capacity, d, 0);
-            let elements = layout.min_elements();
-            let size = kv.size();
-            let mut cache_init = |seed: f64| -> Vec<u8> {
-                let mut bytes = vec![0u8; elements * size];
-                let values = normal(elements, seed, 0.0);
-                for (i, &x) in values.iter().enumerate() {
-                    // The slot being written holds NaN: the kernel must not read it.
-                    let pos = (i / layout.stride_pos) % capacity;
-                    let bits = if pos == len - 1 { dtype::encode(kv, f32::NAN) } else { dtype::encode(kv, x) };
-                    dtype::store(kv, &mut bytes, i, bits);
-                }
-                bytes
-            };
-            let (k_init, v_init) = (cache_init(1.0), cache_init(1.0));
-
-            let params = AttentionParams {
-                n_seqs: 1,
-                n_queries: 1,
-                n_q_heads: hq,
-                n_kv_heads: hkv,
-                head_dim: d,
-                dtype: kv,
-                layout,
-                scale: (d as f32).powf(-0.5),
-                split_chunk: None,
-                window: None,
-                softcap: None,
-                sinks: false,
-                fused: true,
-                qk_norm_rope: Some(EPS),
-            };
-            let up = |name: &str, bytes: &[u8]| upload(&ctx, name, bytes, Location::Upload);
-            let (qb, kb, vb) =
-                (up("q", &f32_bytes(&q)), up("new_k", &f32_bytes(&new_k)), up("new_v", &f32_bytes(&new_v)));
-            let (qn, kn) = (up("q_norm", &f32_bytes(&q_norm)), up("k_norm", &f32_bytes(&k_norm)));
-            let rope = up("rope", &crate::engine::rope_table(THETA, d, capacity));
-            let lens = up("seq_lens", &words(&[len as u32]));
-            let k_cache = upload(&ctx, "k_cache", &k_init, Location::Readback);
-            let v_cache = upload(&ctx, "v_cache", &v_init, Location::Readback);
-            let out = upload(&ctx, "out", &f32_bytes(&vec![f32::NAN; hq * d]), Location::Readback);
-            let po = Buffer::new(&ctx, "partial_o", params.partial_o_bytes(), Location::Device).expect("buffer");
-            let pml = Buffer::new(&ctx, "partial_ml", params.partial_ml_bytes(), Location::Device).expect("buffer");
-            let counters = zeroed_counters(&ctx, &params).expect("buffer");
-            let mut rec = Recorder::new(&ctx).expect("recorder");
-            let bufs = AttentionBuffers {
-                q: &qb,
-                seq_lens: &lens,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
-                out: &out,
-                partial_o: &po,
-                partial_ml: &pml,
-                counters: &counters,
-                sinks: None,
-                new_k: Some(&kb),
-                new_v: Some(&vb),
-                qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope }),
-            };
-            record(&mut rec, &ctx, &params, bufs, None).expect(&what);
-            rec.submit().expect("submit");
-
-            // The reference's q and new K: normalised and rotated at position len − 1.
-            let pos = len - 1;
-            let inv_freq = rope_inv_freq(THETA, d);
-            let prologue = |raw: &[f32], w: &[f32]| -> (Vec<f32>, Vec<f64>) {
-                let mut rotated = raw.to_vec();
-                let mut pair_sums = vec![0.0; raw.len()];
-                for (h, head) in rotated.chunks_exact_mut(d).enumerate() {
-                    let x = &raw[h * d..][..d];
-                    let ms = x.iter().map(|&e| f64::from(e).powi(2)).sum::<f64>() / d as f64;
-                    let r = 1.0 / (ms + f64::from(EPS)).sqrt();
-                    let normed: Vec<f64> = x.iter().zip(w).map(|(&e, &w)| f64::from(e) * r * f64::from(w)).collect();
-                    for i in 0..d {
-                        pair_sums[h * d + i] = normed[i % (d / 2)].abs() + normed[i % (d / 2) + d / 2].abs();
-                    }
-                    qk_norm_rope(head, w, f64::from(EPS), pos, &inv_freq);
-                }
-                (rotated, pair_sums)
-            };
-            let (q_ref, q_pairs) = prologue(&q, &q_norm);
-            let (k_ref, k_pairs) = prologue(&new_k, &k_norm);
-            let eta = (d as f64 / 2.0 + 12.0) * U;
-            let r = match kv {
-                Dtype::F32 => 0.0,
-                Dtype::F16 => 2f64.powi(-11),
-                Dtype::Bf16 => 2f64.powi(-8),
-            };
-
-            // The cache: the new K row within the bound, the new V row exact, the rest untouched.
-            let (k_gpu, v_gpu) = (k_cache.read().expect("read"), v_cache.read().expect("read"));
-            let at = |i: usize, bytes: &[u8]| dtype::decode(kv, dtype::load(kv, bytes, i));
-            for i in 0..elements {
-                let (p, rest) = ((i / layout.stride_pos) % capacity, i % layout.stride_pos);
-                let (h, dim) = (rest / d, rest % d);
-                if p == pos && rest < hkv * d {
-                    let (got, want) = (f64::from(at(i, &k_gpu)), f64::from(k_ref[h * d + dim]));
-                    let slack = eta * k_pairs[h * d + dim];
-                    let bound = slack + r * (want.abs() + slack) + 2f64.powi(-25);
-                    assert!((got - want).abs() <= bound, "{what}: new K[{h}][{dim}] = {got}, reference {want}");
-                    let v_want = dtype::encode(kv, new_v[h * d + dim]);
-                    assert_eq!(dtype::load(kv, &v_gpu, i), v_want, "{what}: new V[{h}][{dim}]");
-                } else {
-                    assert_eq!(
-                        dtype::load(kv, &k_gpu, i),
-                        dtype::load(kv, &k_init, i),
-                        "{what}: K element {i} changed"
-                    );
-                    assert_eq!(
-                        dtype::load(kv, &v_gpu, i),
-                        dtype::load(kv, &v_init, i),
-                        "{what}: V element {i} changed"
-                    );
-                }
-            }
-
-            // The output against the reference over the cache the GPU wrote.
-            let decoded = |bytes: &[u8]| -> Vec<f32> { (0..elements).map(|i| at(i, bytes)).collect() };
-            let (k_all, v_all) = (decoded(&k_gpu), decoded(&v_gpu));
-            let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: hq, n_kv_heads: hkv, head_dim: d };
-            let scale = f64::from(params.scale);
-            let want = decode_attention_with(
-                &shape,
-                &q_ref,
-                &k_all,
-                &v_all,
-                &layout,
-                &[len],
-                scale,
-                &AttentionOptions::default(),
-            );
-            let got: Vec<f32> =
-                out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            let ratio = hq / hkv;
-            for h in 0..hq {
-                let g = h / ratio;
-                let row = |j: usize| (0..d).map(move |dim| j * layout.stride_pos + g * layout.stride_head + dim);
-                let (mut s, mut s_a, mut v_max) = (0f64, 0f64, 0f64);
-                for j in 0..len {
-                    let (mut dot, mut dot_a) = (0.0, 0.0);
-                    for (dim, i) in row(j).enumerate() {
-                        dot += (f64::from(q_ref[h * d + dim]) * f64::from(k_all[i])).abs();
-                        dot_a += q_pairs[h * d + dim] * f64::from(k_all[i]).abs();
-                        v_max = v_max.max(f64::from(v_all[i]).abs());
-                    }
-                    (s, s_a) = (s.max(scale * dot), s_a.max(scale * dot_a));
-                }
-                let qk = s + (d as f64 / 2.0 + 12.0) / (d as f64 + 2.0) * s_a;
-                let bound = attention_element_bound(len, d, qk, v_max, None);
-                for dim in 0..d {
-                    let (o, e) = (f64::from(got[h * d + dim]), want[[0, 0, h, dim]]);
-                    assert!((o - e).abs() <= bound, "{what}: out[{h}][{dim}] = {o}, reference {e}, bound {bound:e}");
-                }
+        for (i, case) in cases.iter().enumerate() {
+            check_qk_case(&ctx, i, case, None).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Its power: the engine's prologue mutants fail a narrow and a wide case; dropping the
+        // rescale of the merge (in the split pass here) fails the cases with several visible
+        // chunks (cases 3 and 4: 2 and 3 chunks of 256 positions).
+        let must_fail = [
+            (AttentionMutant::InterleavedRope, [0, 4]),
+            (AttentionMutant::SkipQkNorm, [0, 4]),
+            (AttentionMutant::MergeNoRescale, [3, 4]),
+        ];
+        for (m, which) in must_fail {
+            for i in which {
+                assert!(check_qk_case(&ctx, i, &cases[i], Some(m)).is_err(), "{} survives case {i}", m.name());
             }
         }
         assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
+    }
+
+    /// (H, Hkv, D, K/V dtype, seq_len, capacity).
+    type QkCase = (usize, usize, usize, Dtype, usize, usize);
+
+    /// One case of [`the_qk_norm_rope_prologue_matches_the_reference`]: the first difference
+    /// beyond the bound, if any.
+    fn check_qk_case(
+        ctx: &Arc<Context>,
+        case: usize,
+        &(hq, hkv, d, kv, len, capacity): &QkCase,
+        mutant: Option<AttentionMutant>,
+    ) -> Result<(), String> {
+        macro_rules! ensure {
+            ($cond:expr, $($msg:tt)*) => {
+                let holds: bool = $cond; // false for NaN comparisons too
+                if !holds {
+                    return Err(format!($($msg)*));
+                }
+            };
+        }
+        let what = format!("h{hq}:kv{hkv}:d{d}:{}:len{len}", kv.name());
+        let mut rng = Rng::stream(case as u64, "qk_norm_rope");
+        let mut normal =
+            |n: usize, sd: f64, mean: f64| -> Vec<f32> { (0..n).map(|_| (mean + sd * rng.normal()) as f32).collect() };
+        let (q, new_k, new_v) = (normal(hq * d, 2.0, 0.0), normal(hkv * d, 2.0, 0.5), normal(hkv * d, 1.0, 0.0));
+        let (q_norm, k_norm) = (normal(d, 0.5, 1.0), normal(d, 0.5, 1.0));
+        let layout = CacheLayout::token_major(1, hkv, capacity, d, 0);
+        let elements = layout.min_elements();
+        let size = kv.size();
+        let mut cache_init = |seed: f64| -> Vec<u8> {
+            let mut bytes = vec![0u8; elements * size];
+            let values = normal(elements, seed, 0.0);
+            for (i, &x) in values.iter().enumerate() {
+                // The slot being written holds NaN: the kernel must not read it.
+                let pos = (i / layout.stride_pos) % capacity;
+                let bits = if pos == len - 1 { dtype::encode(kv, f32::NAN) } else { dtype::encode(kv, x) };
+                dtype::store(kv, &mut bytes, i, bits);
+            }
+            bytes
+        };
+        let (k_init, v_init) = (cache_init(1.0), cache_init(1.0));
+
+        let params = AttentionParams {
+            n_seqs: 1,
+            n_queries: 1,
+            n_q_heads: hq,
+            n_kv_heads: hkv,
+            head_dim: d,
+            dtype: kv,
+            layout,
+            scale: (d as f32).powf(-0.5),
+            split_chunk: None,
+            window: None,
+            softcap: None,
+            sinks: false,
+            fused: true,
+            qk_norm_rope: Some(EPS),
+        };
+        let up = |name: &str, bytes: &[u8]| upload(ctx, name, bytes, Location::Upload);
+        let (qb, kb, vb) = (up("q", &f32_bytes(&q)), up("new_k", &f32_bytes(&new_k)), up("new_v", &f32_bytes(&new_v)));
+        let (qn, kn) = (up("q_norm", &f32_bytes(&q_norm)), up("k_norm", &f32_bytes(&k_norm)));
+        let rope = up("rope", &crate::engine::rope_table(THETA, d, capacity));
+        let lens = up("seq_lens", &words(&[len as u32]));
+        let k_cache = upload(ctx, "k_cache", &k_init, Location::Readback);
+        let v_cache = upload(ctx, "v_cache", &v_init, Location::Readback);
+        let out = upload(ctx, "out", &f32_bytes(&vec![f32::NAN; hq * d]), Location::Readback);
+        let po = Buffer::new(ctx, "partial_o", params.partial_o_bytes(), Location::Device).expect("buffer");
+        let pml = Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(), Location::Device).expect("buffer");
+        let counters = zeroed_counters(ctx, &params).expect("buffer");
+        let mut rec = Recorder::new(ctx).expect("recorder");
+        let bufs = AttentionBuffers {
+            q: &qb,
+            seq_lens: &lens,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            out: &out,
+            partial_o: &po,
+            partial_ml: &pml,
+            sinks: None,
+            new_k: Some(&kb),
+            new_v: Some(&vb),
+            qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope, counters: &counters }),
+        };
+        record(&mut rec, ctx, &params, bufs, mutant).expect(&what);
+        rec.submit().expect("submit");
+
+        // The reference's q and new K: normalised and rotated at position len − 1.
+        let pos = len - 1;
+        let inv_freq = rope_inv_freq(THETA, d);
+        let prologue = |raw: &[f32], w: &[f32]| -> (Vec<f32>, Vec<f64>) {
+            let mut rotated = raw.to_vec();
+            let mut pair_sums = vec![0.0; raw.len()];
+            for (h, head) in rotated.chunks_exact_mut(d).enumerate() {
+                let x = &raw[h * d..][..d];
+                let ms = x.iter().map(|&e| f64::from(e).powi(2)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + f64::from(EPS)).sqrt();
+                let normed: Vec<f64> = x.iter().zip(w).map(|(&e, &w)| f64::from(e) * r * f64::from(w)).collect();
+                for i in 0..d {
+                    pair_sums[h * d + i] = normed[i % (d / 2)].abs() + normed[i % (d / 2) + d / 2].abs();
+                }
+                qk_norm_rope(head, w, f64::from(EPS), pos, &inv_freq);
+            }
+            (rotated, pair_sums)
+        };
+        let (q_ref, q_pairs) = prologue(&q, &q_norm);
+        let (k_ref, k_pairs) = prologue(&new_k, &k_norm);
+        let eta = (d as f64 / 2.0 + 12.0) * U;
+        let r = match kv {
+            Dtype::F32 => 0.0,
+            Dtype::F16 => 2f64.powi(-11),
+            Dtype::Bf16 => 2f64.powi(-8),
+        };
+
+        // The cache: the new K row within the bound, the new V row exact, the rest untouched.
+        let (k_gpu, v_gpu) = (k_cache.read().expect("read"), v_cache.read().expect("read"));
+        let at = |i: usize, bytes: &[u8]| dtype::decode(kv, dtype::load(kv, bytes, i));
+        for i in 0..elements {
+            let (p, rest) = ((i / layout.stride_pos) % capacity, i % layout.stride_pos);
+            let (h, dim) = (rest / d, rest % d);
+            if p == pos && rest < hkv * d {
+                let (got, want) = (f64::from(at(i, &k_gpu)), f64::from(k_ref[h * d + dim]));
+                let slack = eta * k_pairs[h * d + dim];
+                let bound = slack + r * (want.abs() + slack) + 2f64.powi(-25);
+                ensure!((got - want).abs() <= bound, "{what}: new K[{h}][{dim}] = {got}, reference {want}");
+                let v_want = dtype::encode(kv, new_v[h * d + dim]);
+                ensure!(dtype::load(kv, &v_gpu, i) == v_want, "{what}: new V[{h}][{dim}]");
+            } else {
+                ensure!(dtype::load(kv, &k_gpu, i) == dtype::load(kv, &k_init, i), "{what}: K element {i} changed");
+                ensure!(dtype::load(kv, &v_gpu, i) == dtype::load(kv, &v_init, i), "{what}: V element {i} changed");
+            }
+        }
+
+        // The output against the reference over the cache the GPU wrote.
+        let decoded = |bytes: &[u8]| -> Vec<f32> { (0..elements).map(|i| at(i, bytes)).collect() };
+        let (k_all, v_all) = (decoded(&k_gpu), decoded(&v_gpu));
+        let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: hq, n_kv_heads: hkv, head_dim: d };
+        let scale = f64::from(params.scale);
+        let want =
+            decode_attention_with(&shape, &q_ref, &k_all, &v_all, &layout, &[len], scale, &AttentionOptions::default());
+        let got: Vec<f32> =
+            out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let ratio = hq / hkv;
+        for h in 0..hq {
+            let g = h / ratio;
+            let row = |j: usize| (0..d).map(move |dim| j * layout.stride_pos + g * layout.stride_head + dim);
+            let (mut s, mut s_a, mut v_max) = (0f64, 0f64, 0f64);
+            for j in 0..len {
+                let (mut dot, mut dot_a) = (0.0, 0.0);
+                for (dim, i) in row(j).enumerate() {
+                    dot += (f64::from(q_ref[h * d + dim]) * f64::from(k_all[i])).abs();
+                    dot_a += q_pairs[h * d + dim] * f64::from(k_all[i]).abs();
+                    v_max = v_max.max(f64::from(v_all[i]).abs());
+                }
+                (s, s_a) = (s.max(scale * dot), s_a.max(scale * dot_a));
+            }
+            let qk = s + (d as f64 / 2.0 + 12.0) / (d as f64 + 2.0) * s_a;
+            let bound = attention_element_bound(len, d, qk, v_max, None);
+            for dim in 0..d {
+                let (o, e) = (f64::from(got[h * d + dim]), want[[0, 0, h, dim]]);
+                ensure!((o - e).abs() <= bound, "{what}: out[{h}][{dim}] = {o}, reference {e}, bound {bound:e}");
+            }
+        }
+        Ok(())
     }
 }
