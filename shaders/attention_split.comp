@@ -106,6 +106,7 @@ const uint FLAG_SINKS = 1u;
 #if defined(QK_NORM_ROPE)
 const uint M_MERGE_NO_RESCALE = 6;   // merges chunks without the exp(m_c − M) rescale
 const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
+const uint MERGE_MAX = 4;          // at most this many (the host's MERGE_IN_SPLIT_MAX_CHUNKS)
 #endif
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 #if defined(QK_NORM_ROPE)
@@ -614,17 +615,26 @@ void main() {
     if (!last_s) return;   // uniform
     memoryBarrierBuffer();
     if (tid == 0u && grp < counters.length()) counters[grp] = 0u;
+    if (p.n_chunks > MERGE_MAX) return;   // the host never asks that
+    // Every (m, l) and partial of an element is loaded up front (MERGE_MAX, unrolled, each load
+    // independent of the others), so the merge waits for memory once, not twice per chunk.
     for (uint oi = tid; oi < nh * D; oi += WG) {
         uint hh = oi / D;
         uint d = oi - hh * D;
         uint first = (row0 + hh) * p.n_chunks;
-        if (first + p.n_chunks > part_ml.length()) continue;
+        vec2 ml[MERGE_MAX];
+        float po[MERGE_MAX];
+        [[unroll]] for (uint cc = 0; cc < MERGE_MAX; ++cc) {
+            uint part = first + cc;
+            bool in_row = cc < p.n_chunks && part < part_ml.length() && part * D + d < part_o.length();
+            ml[cc] = in_row ? part_ml[part] : vec2(NEG_FLOOR, 0.0);
+            po[cc] = in_row ? part_o[part * D + d] : 0.0;
+        }
         float M = NEG_FLOOR;
         bool any = false;
-        for (uint cc = 0; cc < p.n_chunks; ++cc) {
-            vec2 x = part_ml[first + cc];
-            if (x.y > 0.0) {
-                M = max(M, x.x);
+        [[unroll]] for (uint cc = 0; cc < MERGE_MAX; ++cc) {
+            if (ml[cc].y > 0.0) {
+                M = max(M, ml[cc].x);
                 any = true;
             }
         }
@@ -633,13 +643,11 @@ void main() {
         if (sink) M = max(M, sinks[h]);
         float L = sink ? exp(sinks[h] - M) : 0.0;
         float sum = 0.0;
-        for (uint cc = 0; cc < p.n_chunks; ++cc) {
-            vec2 x = part_ml[first + cc];
-            uint idx = (first + cc) * D + d;
-            if (x.y > 0.0 && idx < part_o.length()) {
-                float w = MUTANT == M_MERGE_NO_RESCALE ? 1.0 : exp(x.x - M);
-                L += x.y * w;
-                sum += part_o[idx] * w;
+        [[unroll]] for (uint cc = 0; cc < MERGE_MAX; ++cc) {
+            if (ml[cc].y > 0.0) {
+                float w = MUTANT == M_MERGE_NO_RESCALE ? 1.0 : exp(ml[cc].x - M);
+                L += ml[cc].y * w;
+                sum += po[cc] * w;
             }
         }
         uint idx = (row0 + hh) * D + d;

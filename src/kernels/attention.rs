@@ -57,9 +57,10 @@ pub const MAX_AUTO_CHUNK: usize = 1024;
 /// Most chunks the split pass merges itself (`_qk` variants). H100, one call: at kv 512 (2
 /// chunks) merging in the split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv
 /// 16384 (32 chunks) the serial merge of one workgroup took 55 → 81 µs against the parallel merge
-/// dispatch; Qwen3-0.6B at ctx 512 (3 chunks): 1550 → 1500 µs/token. Staging the chunk weights
-/// through shared memory with the partial loads unrolled was slower at 3 chunks (500 against
-/// 475 µs/token of attention).
+/// dispatch; Qwen3-0.6B at ctx 512 (3 chunks): 1550 → 1500 µs/token, and 1468 with every partial
+/// of an element loaded up front (the shader's `MERGE_MAX` = this). Staging the chunk weights
+/// through shared memory instead cost two more barriers and was slower (500 against 475 µs/token
+/// of attention).
 const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
 /// Split workgroups the automatic chunk size aims at.
