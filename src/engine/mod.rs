@@ -21,7 +21,7 @@ use std::time::Instant;
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, QkNormRope};
 use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall};
-use crate::kernels::{CacheLayout, Dtype, KernelError};
+use crate::kernels::{Dtype, KernelError};
 use crate::model::{Checkpoint, ModelError, Qwen3Config};
 use crate::reference::qwen3::rope_inv_freq;
 
@@ -368,22 +368,7 @@ impl Scratch {
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let f32_buffer = |name: &str, n: usize| Buffer::new(ctx, name, 4 * n as u64, Location::Device);
 
-        let attention = AttentionParams {
-            n_seqs: 1,
-            n_queries: 1,
-            n_q_heads: hq,
-            n_kv_heads: hkv,
-            head_dim: d,
-            dtype: options.kv_dtype,
-            layout: CacheLayout::token_major(1, hkv, capacity, d, 0),
-            scale: (d as f32).powf(-0.5),
-            split_chunk: None,
-            window: None,
-            softcap: None,
-            sinks: false,
-            fused: true,
-            qk_norm_rope: Some(c.rms_norm_eps as f32),
-        };
+        let attention = AttentionParams::qwen3_decode(hq, hkv, d, options.kv_dtype, capacity, c.rms_norm_eps as f32);
         attention.validate(ctx)?;
         let cache_bytes = (attention.layout.min_elements() * options.kv_dtype.size()) as u64;
         let cache = |kind: &str| -> Result<Vec<Buffer>, GpuError> {

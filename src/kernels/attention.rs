@@ -203,6 +203,35 @@ pub struct SplitLaunch {
 }
 
 impl AttentionParams {
+    /// The decode engine's call: one sequence, one query, a token-major cache of `capacity`
+    /// positions, scale 1/√head_dim, fused append with Qwen3's q/k-norm + RoPE (epsilon `eps`),
+    /// no window, softcap or sinks, automatic chunks.
+    pub fn qwen3_decode(
+        n_q_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        dtype: Dtype,
+        capacity: usize,
+        eps: f32,
+    ) -> AttentionParams {
+        AttentionParams {
+            n_seqs: 1,
+            n_queries: 1,
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            dtype,
+            layout: CacheLayout::token_major(1, n_kv_heads, capacity, head_dim, 0),
+            scale: (head_dim as f32).powf(-0.5),
+            split_chunk: None,
+            window: None,
+            softcap: None,
+            sinks: false,
+            fused: true,
+            qk_norm_rope: Some(eps),
+        }
+    }
+
     /// Number of f32 values in Q (and in the output).
     pub fn q_elements(&self) -> usize {
         self.n_seqs * self.n_queries * self.n_q_heads * self.head_dim
@@ -650,7 +679,8 @@ mod tests {
             |n: usize, sd: f64, mean: f64| -> Vec<f32> { (0..n).map(|_| (mean + sd * rng.normal()) as f32).collect() };
         let (q, new_k, new_v) = (normal(hq * d, 2.0, 0.0), normal(hkv * d, 2.0, 0.5), normal(hkv * d, 1.0, 0.0));
         let (q_norm, k_norm) = (normal(d, 0.5, 1.0), normal(d, 0.5, 1.0));
-        let layout = CacheLayout::token_major(1, hkv, capacity, d, 0);
+        let params = AttentionParams::qwen3_decode(hq, hkv, d, kv, capacity, EPS);
+        let layout = params.layout;
         let elements = layout.min_elements();
         let size = kv.size();
         let mut cache_init = |seed: f64| -> Vec<u8> {
@@ -666,22 +696,6 @@ mod tests {
         };
         let (k_init, v_init) = (cache_init(1.0), cache_init(1.0));
 
-        let params = AttentionParams {
-            n_seqs: 1,
-            n_queries: 1,
-            n_q_heads: hq,
-            n_kv_heads: hkv,
-            head_dim: d,
-            dtype: kv,
-            layout,
-            scale: (d as f32).powf(-0.5),
-            split_chunk: None,
-            window: None,
-            softcap: None,
-            sinks: false,
-            fused: true,
-            qk_norm_rope: Some(EPS),
-        };
         let up = |name: &str, bytes: &[u8]| upload(ctx, name, bytes, Location::Upload);
         let (qb, kb, vb) = (up("q", &f32_bytes(&q)), up("new_k", &f32_bytes(&new_k)), up("new_v", &f32_bytes(&new_v)));
         let (qn, kn) = (up("q_norm", &f32_bytes(&q_norm)), up("k_norm", &f32_bytes(&k_norm)));
