@@ -343,7 +343,7 @@ proptest! {
         for split in [None, Some(CHUNK_TILE), Some(chunk * CHUNK_TILE), Some(one_chunk)] {
             let mut split_inputs = inputs.clone();
             split_inputs.params.split_chunk = split;
-            let (size, chunks) = split_inputs.params.split();
+            let (size, chunks) = split_inputs.params.split(ctx.info());
             attend_inputs(&ctx, &split_inputs, &wrapped, &format!("split into {chunks} chunk(s) of {size}"))?;
         }
     }

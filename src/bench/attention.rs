@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use crate::gpu::{Buffer, Context, Location};
+use crate::gpu::{Buffer, Context, Location, PipelineStatistic};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
 use crate::kernels::kv_append::{self, AppendBuffers, AppendParams};
 use crate::kernels::{CacheLayout, Dtype};
@@ -230,6 +230,9 @@ pub struct AttentionMeasurement {
     pub copies: usize,
     pub working_set_bytes: u64,
     pub timing: Timing,
+    /// What the driver reports about the split pass's pipeline (registers per invocation and the
+    /// like); empty where the device does not offer VK_KHR_pipeline_executable_properties.
+    pub split_statistics: Vec<PipelineStatistic>,
 }
 
 impl AttentionMeasurement {
@@ -351,8 +354,8 @@ pub fn measure_slowed(
     let new_k = device_buffer(ctx, "bench.attention.new_k", &finite_bytes(Dtype::F32, p.new_kv_elements(), 3))?;
     let new_v = device_buffer(ctx, "bench.attention.new_v", &finite_bytes(Dtype::F32, p.new_kv_elements(), 4))?;
     let out = Buffer::new(ctx, "bench.attention.out", 4 * q_elements as u64, Location::Device)?;
-    let partial_o = Buffer::new(ctx, "bench.attention.partial_o", p.partial_o_bytes(), Location::Device)?;
-    let partial_ml = Buffer::new(ctx, "bench.attention.partial_ml", p.partial_ml_bytes(), Location::Device)?;
+    let partial_o = Buffer::new(ctx, "bench.attention.partial_o", p.partial_o_bytes(ctx.info()), Location::Device)?;
+    let partial_ml = Buffer::new(ctx, "bench.attention.partial_ml", p.partial_ml_bytes(ctx.info()), Location::Device)?;
 
     let what = format!("attention {} ({})", shape.spec(), mode.name());
     let timing = time_calls(
@@ -392,7 +395,7 @@ pub fn measure_slowed(
         },
         on_submit,
     )?;
-    let (split_chunk, split_chunks) = p.split();
+    let (split_chunk, split_chunks) = p.split(ctx.info());
     Ok(AttentionMeasurement {
         shape: shape.clone(),
         mode,
@@ -403,6 +406,7 @@ pub fn measure_slowed(
         copies,
         working_set_bytes: copies as u64 * 2 * cache_bytes,
         timing,
+        split_statistics: ctx.pipeline_statistics(&*attention::split_pipeline(ctx, &p, None)?),
     })
 }
 

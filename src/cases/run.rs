@@ -167,8 +167,8 @@ impl AttentionUploads {
             k: upload("attention.k_cache", &inputs.k_bytes, cache_location)?,
             v: upload("attention.v_cache", &inputs.v_bytes, cache_location)?,
             out: poisoned("attention.out", 4 * p.q_elements() as u64, Location::Readback)?,
-            partial_o: poisoned("attention.partial_o", p.partial_o_bytes(), Location::Upload)?,
-            partial_ml: poisoned("attention.partial_ml", p.partial_ml_bytes(), Location::Upload)?,
+            partial_o: poisoned("attention.partial_o", p.partial_o_bytes(ctx.info()), Location::Upload)?,
+            partial_ml: poisoned("attention.partial_ml", p.partial_ml_bytes(ctx.info()), Location::Upload)?,
             sinks: inputs
                 .sinks
                 .as_ref()

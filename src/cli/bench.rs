@@ -19,7 +19,7 @@ use vkdecode::bench::attention::{
 };
 use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy};
 use vkdecode::bench::{MIB, Stats, TimingConfig};
-use vkdecode::gpu::Context;
+use vkdecode::gpu::{Context, registers};
 use vkdecode::kernels::Dtype;
 
 use super::report;
@@ -358,6 +358,7 @@ fn render(
             ("ggml µs", Align::Right),
             ("disp/barr", Align::Right),
             ("copies", Align::Right),
+            ("regs", Align::Right),
         ]);
         for m in rows {
             let s = &m.timing.per_call;
@@ -373,13 +374,17 @@ fn render(
                 ggml_us(&m.shape),
                 format!("{}/{}", c.dispatches, c.barriers),
                 m.copies.to_string(),
+                registers(&m.split_statistics).map_or("-".into(), |r| r.to_string()),
             ]);
         }
         out.push_str(&table.render());
     }
     out.push_str("\nGB/s: K+V bytes read once / median time; of copy: that / the copy kernel's GB/s.");
     if !compare {
-        out.push_str(" disp/barr: dispatches and barriers one call records.");
+        out.push_str(
+            " disp/barr: dispatches and barriers one call records. regs: registers per invocation of the split \
+             pass, as the driver reports them (VK_KHR_pipeline_executable_properties; - where it does not).",
+        );
     }
     out.push_str(&format!(
         "\nggml µs: ggml's best figure from ANCHORS.md, measured on an {ANCHOR_DEVICE} (context only on other \
@@ -528,6 +533,7 @@ fn row_json(m: &AttentionMeasurement, copy_gbps: f64) -> Value {
         "gb_per_s": m.gbps(),
         "fraction_of_copy_bandwidth": m.gbps() / copy_gbps,
         "per_call": m.timing.per_call_counters,
+        "split_pipeline_statistics": m.split_statistics,
         "ggml_us": anchor.map(|a| a.best_us()),
         "ggml_coopmat2_us": anchor.map(|a| a.coopmat2_us),
         "ggml_coopmat1_us": anchor.and_then(|a| a.coopmat1_us),

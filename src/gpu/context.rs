@@ -43,6 +43,9 @@ pub struct DeviceInfo {
     pub driver_info: String,
     pub driver_version: u32,
     pub subgroup_size: u32,
+    /// Multiprocessors (NVIDIA SMs, AMD compute units) where the driver tells them
+    /// (VK_NV_shader_sm_builtins, VK_AMD_shader_core_properties): how many workgroups one wave holds.
+    pub compute_units: Option<u32>,
     pub subgroup_arithmetic: bool,
     pub storage_buffer_16bit: bool,
     pub shader_float16: bool,
@@ -92,6 +95,8 @@ pub struct Context {
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     debug_instance: Option<ash::ext::debug_utils::Instance>,
     pub(crate) debug_device: Option<ash::ext::debug_utils::Device>,
+    /// Pipeline statistics (registers and the like), where the device offers them.
+    pub(crate) executable_properties: Option<ash::khr::pipeline_executable_properties::Device>,
     messenger: vk::DebugUtilsMessengerEXT,
     // Boxed so the callback's user-data pointer stays valid while the context moves.
     validation_log: Option<Box<ValidationLog>>,
@@ -110,6 +115,8 @@ struct Candidate {
     info: DeviceInfo,
     queue_family: u32,
     rank: u32,
+    /// VK_KHR_pipeline_executable_properties is offered: pipelines can report their statistics.
+    executable_statistics: bool,
 }
 
 impl Context {
@@ -192,6 +199,9 @@ impl Context {
             };
         // SAFETY: the family index was taken from this device's queue families, queue 0 exists.
         let queue = unsafe { device.get_device_queue(chosen.queue_family, 0) };
+        let executable_properties = chosen
+            .executable_statistics
+            .then(|| ash::khr::pipeline_executable_properties::Device::new(&instance, &device));
         let debug_device = debug.as_ref().map(|_| ash::ext::debug_utils::Device::new(&instance, &device));
         let (debug_instance, messenger) = match debug {
             Some((d, m)) => (Some(d), m),
@@ -208,6 +218,7 @@ impl Context {
             pipelines: Mutex::new(HashMap::new()),
             debug_instance,
             debug_device,
+            executable_properties,
             messenger,
             validation_log,
             validation_serial: Mutex::new(()),
@@ -425,18 +436,40 @@ fn enumerate(instance: &ash::Instance) -> Result<Vec<Candidate>> {
         else {
             continue;
         };
+        // SAFETY: as above.
+        let extensions = unsafe { instance.enumerate_device_extension_properties(physical) }
+            .ctx("vkEnumerateDeviceExtensionProperties")?;
+        let has = |name: &CStr| extensions.iter().any(|e| e.extension_name_as_c_str() == Ok(name));
         let mut subgroup = vk::PhysicalDeviceSubgroupProperties::default();
         let mut driver = vk::PhysicalDeviceDriverProperties::default();
+        let mut nv_sm = vk::PhysicalDeviceShaderSMBuiltinsPropertiesNV::default();
+        let mut amd_core = vk::PhysicalDeviceShaderCorePropertiesAMD::default();
         let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut subgroup).push_next(&mut driver);
+        // Extension structs are chained only where the device lists the extension.
+        if has(ash::nv::shader_sm_builtins::NAME) {
+            props2 = props2.push_next(&mut nv_sm);
+        }
+        if has(ash::amd::shader_core_properties::NAME) {
+            props2 = props2.push_next(&mut amd_core);
+        }
         let mut f11 = vk::PhysicalDeviceVulkan11Features::default();
         let mut f12 = vk::PhysicalDeviceVulkan12Features::default();
+        let mut executable = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default();
         let mut features2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f11).push_next(&mut f12);
+        let executable_listed = has(ash::khr::pipeline_executable_properties::NAME);
+        if executable_listed {
+            features2 = features2.push_next(&mut executable);
+        }
         // SAFETY: the chains are well-formed and the device supports Vulkan 1.2.
         unsafe {
             instance.get_physical_device_properties2(physical, &mut props2);
             instance.get_physical_device_features2(physical, &mut features2);
         }
         let p = props2.properties;
+        let amd_units = amd_core.shader_engine_count
+            * amd_core.shader_arrays_per_engine_count
+            * amd_core.compute_units_per_shader_array;
+        let compute_units = [nv_sm.shader_sm_count, amd_units].into_iter().find(|&n| n > 0);
         let shader_int16 = features2.features.shader_int16 == vk::TRUE;
         let l = p.limits;
         let name = p.device_name_as_c_str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -456,6 +489,7 @@ fn enumerate(instance: &ash::Instance) -> Result<Vec<Candidate>> {
             driver_info: driver.driver_info_as_c_str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             driver_version: p.driver_version,
             subgroup_size: subgroup.subgroup_size,
+            compute_units,
             subgroup_arithmetic: subgroup.supported_operations.contains(vk::SubgroupFeatureFlags::ARITHMETIC)
                 && subgroup.supported_stages.contains(vk::ShaderStageFlags::COMPUTE),
             storage_buffer_16bit: f11.storage_buffer16_bit_access == vk::TRUE,
@@ -475,7 +509,8 @@ fn enumerate(instance: &ash::Instance) -> Result<Vec<Candidate>> {
             vk::PhysicalDeviceType::CPU => 3,
             _ => 4,
         };
-        out.push(Candidate { physical, info, queue_family: queue_family as u32, rank });
+        let executable_statistics = executable_listed && executable.pipeline_executable_info == vk::TRUE;
+        out.push(Candidate { physical, info, queue_family: queue_family as u32, rank, executable_statistics });
     }
     Ok(out)
 }
@@ -510,7 +545,13 @@ fn create_device(instance: &ash::Instance, chosen: &Candidate) -> Result<ash::De
     let mut f12 = vk::PhysicalDeviceVulkan12Features::default().shader_float16(info.shader_float16);
     let core = vk::PhysicalDeviceFeatures::default().shader_int16(info.shader_int16);
     let mut features2 = vk::PhysicalDeviceFeatures2::default().features(core).push_next(&mut f11).push_next(&mut f12);
-    let create = vk::DeviceCreateInfo::default().queue_create_infos(&queues).push_next(&mut features2);
+    let mut executable =
+        vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default().pipeline_executable_info(true);
+    let extensions = [ash::khr::pipeline_executable_properties::NAME.as_ptr()];
+    let mut create = vk::DeviceCreateInfo::default().queue_create_infos(&queues).push_next(&mut features2);
+    if chosen.executable_statistics {
+        create = create.enabled_extension_names(&extensions).push_next(&mut executable);
+    }
     // SAFETY: only features the device reported are enabled; pointers outlive the call.
     unsafe { instance.create_device(chosen.physical, &create, None) }.ctx("vkCreateDevice")
 }

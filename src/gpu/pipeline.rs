@@ -63,7 +63,53 @@ impl Pipeline {
     }
 }
 
+/// One figure the driver reports about a compiled pipeline (VK_KHR_pipeline_executable_properties),
+/// e.g. NVIDIA's "Register Count": registers per invocation decide how many workgroups a
+/// multiprocessor holds at once.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PipelineStatistic {
+    pub name: String,
+    pub value: f64,
+}
+
+/// Registers per invocation among `stats`, under the names drivers use ("Register Count":
+/// NVIDIA; "VGPRs": Mesa's RADV).
+pub fn registers(stats: &[PipelineStatistic]) -> Option<u32> {
+    stats.iter().find(|s| s.name == "Register Count" || s.name == "VGPRs").map(|s| s.value as u32)
+}
+
 impl Context {
+    /// The driver's statistics for `pipeline` (every executable's, in order); empty where the
+    /// device does not offer them or the query fails: they inform, nothing depends on them.
+    pub fn pipeline_statistics(&self, pipeline: &Pipeline) -> Vec<PipelineStatistic> {
+        let Some(ext) = &self.executable_properties else { return Vec::new() };
+        let info = vk::PipelineInfoKHR::default().pipeline(pipeline.raw);
+        // SAFETY: the pipeline is alive (borrowed) and was created by this device with statistics
+        // capture on (every pipeline is, when the extension is enabled).
+        let executables = unsafe { ext.get_pipeline_executable_properties(&info) }.unwrap_or_default();
+        let mut out = Vec::new();
+        for index in 0..executables.len() as u32 {
+            let info = vk::PipelineExecutableInfoKHR::default().pipeline(pipeline.raw).executable_index(index);
+            // SAFETY: as above; the index is one the driver listed.
+            let stats = unsafe { ext.get_pipeline_executable_statistics(&info) }.unwrap_or_default();
+            for st in stats {
+                // SAFETY: `format` says which member of the union the driver wrote.
+                let value = unsafe {
+                    match st.format {
+                        vk::PipelineExecutableStatisticFormatKHR::BOOL32 => f64::from(st.value.b32),
+                        vk::PipelineExecutableStatisticFormatKHR::INT64 => st.value.i64 as f64,
+                        vk::PipelineExecutableStatisticFormatKHR::UINT64 => st.value.u64 as f64,
+                        vk::PipelineExecutableStatisticFormatKHR::FLOAT64 => st.value.f64,
+                        _ => continue,
+                    }
+                };
+                let name = st.name_as_c_str().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+                out.push(PipelineStatistic { name, value });
+            }
+        }
+        out
+    }
+
     /// The pipeline for `desc`, created on first use and cached for the life of the context.
     pub fn pipeline(&self, desc: &PipelineDesc<'_>) -> Result<Arc<Pipeline>> {
         let key = PipelineKey { name: desc.shader.name, spec: desc.spec.to_vec() };
@@ -141,7 +187,10 @@ impl Context {
             .module(module)
             .name(c"main")
             .specialization_info(&spec);
-        let info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(layout);
+        let mut info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(layout);
+        if self.executable_properties.is_some() {
+            info = info.flags(vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR);
+        }
         // SAFETY: see above.
         let created = unsafe { device.create_compute_pipelines(self.pipeline_cache, &[info], None) };
         // SAFETY: the module is no longer needed once the pipeline is created (or failed).

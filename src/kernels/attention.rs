@@ -14,7 +14,9 @@
 //! kv head = h / (H / Hkv); f32 accumulation; output f32 like Q. Fully masked rows give 0 and
 //! positions past the query are never read.
 
-use crate::gpu::{Buffer, Context, DeviceInfo, PipelineDesc, Recorder};
+use std::sync::Arc;
+
+use crate::gpu::{Buffer, Context, DeviceInfo, Pipeline, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
@@ -37,7 +39,13 @@ const ML_CAP: usize = 1024;
 /// - wide (64 values, 4 positions: every head of a GQA group of ≤ 8 in one block, each K/V element
 ///   read once): 70 against narrow's 79 µs at kv 16384, where chunks are long and K/V traffic
 ///   dominates; also for GQA ratios above 4, which narrow would split into many re-reading blocks.
-const NARROW: (usize, usize) = (16, 2);
+///
+/// The narrow layout takes 4 positions a step in the plain and fused variants (H100, one call,
+/// h32:kv8:d128 at kv 4096: 26.1 → 22.2 µs; h16:kv8:d128 at 512: 14.0 → 13.1) but 2 in the
+/// `_qk` variants (the decode engine's), where 4 took Qwen3-0.6B's attention at ctx 512 from 437
+/// to 758 µs/token.
+const NARROW: (usize, usize) = (16, 4);
+const NARROW_QK: (usize, usize) = (16, 2);
 const WIDE: (usize, usize) = (64, 4);
 /// Chunks of at least this many positions take the wide layout.
 const WIDE_FROM_CHUNK: usize = 512;
@@ -53,7 +61,7 @@ pub const CHUNK_TILE: usize = 64;
 /// Qwen3 decode step at ctx 512: chunks of 64 took 8B's attention from 634 to 862 µs/token and
 /// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs.)
 pub const MIN_AUTO_CHUNK: usize = 256;
-pub const MAX_AUTO_CHUNK: usize = 1024;
+pub const MAX_AUTO_CHUNK: usize = 4096;
 /// Most chunks the split pass merges itself (`_qk` variants). H100, one call: at kv 512 (2
 /// chunks) merging in the split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv
 /// 16384 (32 chunks) the serial merge of one workgroup took 55 → 81 µs against the parallel merge
@@ -63,8 +71,8 @@ pub const MAX_AUTO_CHUNK: usize = 1024;
 /// of attention).
 const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
-/// Split workgroups the automatic chunk size aims at.
-pub const TARGET_WORKGROUPS: usize = 256;
+/// Compute units assumed where the device does not tell (see [`AttentionParams::split`]).
+pub const DEFAULT_COMPUTE_UNITS: usize = 128;
 /// Query tokens per sequence (speculative verification uses up to 8).
 pub const MAX_QUERIES: usize = 8;
 /// Query heads per kv head.
@@ -244,21 +252,23 @@ impl AttentionParams {
 
     /// How the split pass is laid out on `device` (its specialization constants and grid).
     pub fn launch(&self, device: &DeviceInfo) -> SplitLaunch {
-        // A power of two ≤ the subgroup (Vulkan makes subgroups a power of two; guard anyway).
-        let subgroup = device.subgroup_size.clamp(1, 32) as usize;
-        let subgroup = 1 << subgroup.ilog2();
-        let runs = self.head_dim.div_ceil(8).max(1); // 16-byte runs of an f16 row
-        let lanes = runs.next_power_of_two().min(subgroup);
-        let runs_per_lane = runs.div_ceil(lanes);
-        let ratio = (self.n_q_heads / self.n_kv_heads.max(1)).max(1);
+        let (lanes, runs_per_lane) = self.lanes(device);
+        let ratio = self.gqa_ratio();
         let (lane_values, positions_per_step) =
-            if self.split().0 >= WIDE_FROM_CHUNK || ratio > 4 { WIDE } else { NARROW };
-        let head_cap = (lane_values / (8 * runs_per_lane)).max(1);
-        let blocks = ratio.div_ceil(head_cap);
+            match (self.split(device).0 >= WIDE_FROM_CHUNK || ratio > 4, &self.qk_norm_rope) {
+                (true, _) => WIDE,
+                (false, None) => NARROW,
+                (false, Some(_)) => NARROW_QK,
+            };
+        let blocks = self.head_blocks(device, lane_values);
         let heads = ratio.div_ceil(blocks);
-        // The shader's slot-combine buffers bound slots · head_dim and slots · heads.
+        // The shader's slot-combine buffers bound slots · head_dim and slots · heads. A power of
+        // two, so few workgroup sizes occur: each launch shape is a pipeline, and on CPU devices
+        // (lavapipe) compiling one costs seconds (the property tests drew 168 with any slot count,
+        // 121 with powers of two). GPUs with 32-wide subgroups are never limited at head dims ≤ 256.
         let wg = SPLIT_WG.min(device.max_workgroup_invocations as usize);
         let slots = (wg / lanes).min(O_CAP / self.head_dim.max(1)).min(ML_CAP / heads).max(1);
+        let slots = 1 << slots.ilog2();
         let elements_per_16b = 16 / self.dtype.size();
         let l = &self.layout;
         let vec = [l.stride_seq, l.stride_head, l.stride_pos].iter().all(|s| s.is_multiple_of(elements_per_16b));
@@ -273,23 +283,51 @@ impl AttentionParams {
         }
     }
 
-    /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice aims at
-    /// [`TARGET_WORKGROUPS`] split workgroups per head block (enough to give each multiprocessor
-    /// of a large GPU one), with chunks of [`MIN_AUTO_CHUNK`] to [`MAX_AUTO_CHUNK`] positions
-    /// (H100, head dims 128 and 256: 256 positions at kv 4096 and 20000, 512 at 16384 were best).
-    pub fn split(&self) -> (usize, usize) {
+    fn gqa_ratio(&self) -> usize {
+        (self.n_q_heads / self.n_kv_heads.max(1)).max(1)
+    }
+
+    /// (invocations per K/V row, 16-byte runs each holds): a power of two ≤ the subgroup, so a
+    /// row never straddles subgroups (Vulkan makes subgroups a power of two; guard anyway).
+    fn lanes(&self, device: &DeviceInfo) -> (usize, usize) {
+        let subgroup = device.subgroup_size.clamp(1, 32) as usize;
+        let subgroup = 1 << subgroup.ilog2();
+        let runs = self.head_dim.div_ceil(8).max(1); // 16-byte runs of an f16 row
+        let lanes = runs.next_power_of_two().min(subgroup);
+        (lanes, runs.div_ceil(lanes))
+    }
+
+    /// Blocks of query heads a GQA group is cut into when each invocation holds `lane_values`
+    /// query-head × dim values.
+    fn head_blocks(&self, device: &DeviceInfo, lane_values: usize) -> usize {
+        let (_, runs_per_lane) = self.lanes(device);
+        let head_cap = (lane_values / (8 * runs_per_lane)).max(1);
+        self.gqa_ratio().div_ceil(head_cap)
+    }
+
+    /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice fills
+    /// one wave: a split workgroup per compute unit where the device tells their number, else
+    /// per [`DEFAULT_COMPUTE_UNITS`] (the wide layout's registers allow one per H100 SM: 203 at
+    /// h32:kv8:d128), counting every head block; chunks stay within [`MIN_AUTO_CHUNK`] and
+    /// [`MAX_AUTO_CHUNK`] positions. H100 (132 SMs), µs per call against the former fixed
+    /// target of 256 workgroups: h32:kv8:d128 at kv 8192 45.9 → 31.7, at 16384 54.9 → 51.6;
+    /// h32:kv2:d256 at 20000 110.7 → 79.0; in the Qwen3-8B decode step at ctx 16384, attention
+    /// 2636 → 2452 µs/token. A second, partly filled wave costs most of a wave: 160 workgroups
+    /// instead of 128 took that step's attention to 2866.
+    pub fn split(&self, device: &DeviceInfo) -> (usize, usize) {
         let capacity = self.layout.capacity.max(1);
         let chunk = self.split_chunk.unwrap_or_else(|| {
-            let others = self.n_kv_heads * self.n_seqs * self.n_queries;
-            let chunks = TARGET_WORKGROUPS.div_ceil(others.max(1));
+            let units = device.compute_units.map_or(DEFAULT_COMPUTE_UNITS, |n| n as usize);
+            let others = self.n_kv_heads * self.n_seqs * self.n_queries * self.head_blocks(device, WIDE.0);
+            let chunks = (units / others.max(1)).max(1);
             capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(MIN_AUTO_CHUNK, MAX_AUTO_CHUNK)
         });
         (chunk, capacity.div_ceil(chunk))
     }
 
-    /// Bytes of the partial-output buffer: `[rows][chunks][head_dim]` f32.
-    pub fn partial_o_bytes(&self) -> u64 {
-        let (_, chunks) = self.split();
+    /// Bytes of the partial-output buffer on `device`: `[rows][chunks][head_dim]` f32.
+    pub fn partial_o_bytes(&self, device: &DeviceInfo) -> u64 {
+        let (_, chunks) = self.split(device);
         (self.q_elements() * chunks * 4) as u64
     }
 
@@ -298,8 +336,8 @@ impl AttentionParams {
     /// barrier: with 2..=[`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks, in the `qk_norm_rope` (decode
     /// engine) variants only. Compiled into every variant, that code doubled lavapipe's time for
     /// the property tests (174 → 355 s), so the other callers keep the merge pass.
-    pub fn merges_in_split(&self) -> bool {
-        self.qk_norm_rope.is_some() && (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split().1)
+    pub fn merges_in_split(&self, device: &DeviceInfo) -> bool {
+        self.qk_norm_rope.is_some() && (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split(device).1)
     }
 
     /// Bytes of the chunk-counter buffer (u32, one per group of split workgroups sharing output
@@ -309,9 +347,9 @@ impl AttentionParams {
         (self.n_seqs * self.n_queries * self.n_q_heads * 4) as u64
     }
 
-    /// Bytes of the partial (m, l) buffer: `[rows][chunks]` pairs of f32.
-    pub fn partial_ml_bytes(&self) -> u64 {
-        let (_, chunks) = self.split();
+    /// Bytes of the partial (m, l) buffer on `device`: `[rows][chunks]` pairs of f32.
+    pub fn partial_ml_bytes(&self, device: &DeviceInfo) -> u64 {
+        let (_, chunks) = self.split(device);
         (self.n_seqs * self.n_queries * self.n_q_heads * chunks * 8) as u64
     }
 
@@ -392,7 +430,7 @@ impl AttentionParams {
                 ),
             ));
         }
-        let (_, chunks) = self.split();
+        let (_, chunks) = self.split(device);
         let blocks = self.launch(device).head_blocks;
         if chunks * blocks > max_x {
             return Err(invalid(
@@ -400,7 +438,8 @@ impl AttentionParams {
                 format!("{chunks} chunks × {blocks} head blocks exceed the device's {max_x} workgroups"),
             ));
         }
-        if self.partial_o_bytes() / 4 > u64::from(u32::MAX) || self.partial_o_bytes() > device.max_storage_buffer_range
+        if self.partial_o_bytes(device) / 4 > u64::from(u32::MAX)
+            || self.partial_o_bytes(device) > device.max_storage_buffer_range
         {
             return Err(invalid(
                 "split_chunk",
@@ -445,16 +484,16 @@ pub fn record<'a>(
     params.validate(ctx)?;
     let q_bytes = (params.q_elements() * 4) as u64;
     let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
-    let (chunk, n_chunks) = params.split();
-    let merge_in_split = params.merges_in_split();
+    let (chunk, n_chunks) = params.split(ctx.info());
+    let merge_in_split = params.merges_in_split(ctx.info());
     check_buffer("q", bufs.q.size(), q_bytes)?;
     check_buffer("out", bufs.out.size(), q_bytes)?;
     check_buffer("seq_lens", bufs.seq_lens.size(), 4 * params.n_seqs as u64)?;
     check_buffer("k_cache", bufs.k_cache.size(), cache_bytes)?;
     check_buffer("v_cache", bufs.v_cache.size(), cache_bytes)?;
     if n_chunks > 1 {
-        check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes())?;
-        check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes())?;
+        check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes(ctx.info()))?;
+        check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes(ctx.info()))?;
     }
     // Absent optional inputs bind a buffer the shader never reads in that mode.
     let sinks = match (params.sinks, bufs.sinks) {
@@ -490,36 +529,10 @@ pub fn record<'a>(
         (false, _, _) => (bufs.q, bufs.q),
     };
 
-    let shader = match (params.dtype, params.fused, params.qk_norm_rope.is_some()) {
-        (Dtype::F32, false, _) => &shaders::ATTENTION_SPLIT_F32,
-        (Dtype::F16, false, _) => &shaders::ATTENTION_SPLIT_F16,
-        (Dtype::Bf16, false, _) => &shaders::ATTENTION_SPLIT_BF16,
-        (Dtype::F32, true, false) => &shaders::ATTENTION_SPLIT_F32_FUSED,
-        (Dtype::F16, true, false) => &shaders::ATTENTION_SPLIT_F16_FUSED,
-        (Dtype::Bf16, true, false) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
-        (Dtype::F32, true, true) => &shaders::ATTENTION_SPLIT_F32_FUSED_QK,
-        (Dtype::F16, true, true) => &shaders::ATTENTION_SPLIT_F16_FUSED_QK,
-        (Dtype::Bf16, true, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED_QK,
-    };
+    let pipeline = split_pipeline(ctx, params, mutant)?;
+    let bindings = split_bindings(params);
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let launch = params.launch(ctx.info());
-    let spec = [
-        (0, mutant_id),
-        (1, launch.lanes as u32),
-        (2, launch.runs_per_lane as u32),
-        (3, launch.heads as u32),
-        (4, launch.positions_per_step as u32),
-        (5, u32::from(launch.vector_loads)),
-        (6, launch.workgroup_size as u32),
-    ];
-    // The chunk counters (binding 13) exist in the `_qk` variants only.
-    let bindings: usize = if params.qk_norm_rope.is_some() { 14 } else { 13 };
-    let pipeline = ctx.pipeline(&PipelineDesc {
-        shader,
-        bindings: bindings as u32,
-        push_constant_bytes: 4 * PUSH_WORDS as u32,
-        spec: &spec,
-    })?;
     let l = &params.layout;
     let push = words(&[
         params.n_queries as u32,
@@ -582,20 +595,58 @@ pub fn record<'a>(
     Ok(())
 }
 
+/// Storage buffers the split pipeline binds: the chunk counters (binding 13) exist in the `_qk`
+/// variants only.
+fn split_bindings(params: &AttentionParams) -> usize {
+    if params.qk_norm_rope.is_some() { 14 } else { 13 }
+}
+
+/// The split pass's pipeline for `params` on this device (its variant and launch shape): what
+/// [`record`] dispatches, and what a benchmark asks for the driver's statistics.
+pub fn split_pipeline(
+    ctx: &Context,
+    params: &AttentionParams,
+    mutant: Option<AttentionMutant>,
+) -> Result<Arc<Pipeline>, KernelError> {
+    let shader = match (params.dtype, params.fused, params.qk_norm_rope.is_some()) {
+        (Dtype::F32, false, _) => &shaders::ATTENTION_SPLIT_F32,
+        (Dtype::F16, false, _) => &shaders::ATTENTION_SPLIT_F16,
+        (Dtype::Bf16, false, _) => &shaders::ATTENTION_SPLIT_BF16,
+        (Dtype::F32, true, false) => &shaders::ATTENTION_SPLIT_F32_FUSED,
+        (Dtype::F16, true, false) => &shaders::ATTENTION_SPLIT_F16_FUSED,
+        (Dtype::Bf16, true, false) => &shaders::ATTENTION_SPLIT_BF16_FUSED,
+        (Dtype::F32, true, true) => &shaders::ATTENTION_SPLIT_F32_FUSED_QK,
+        (Dtype::F16, true, true) => &shaders::ATTENTION_SPLIT_F16_FUSED_QK,
+        (Dtype::Bf16, true, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED_QK,
+    };
+    let mutant_id = mutant.map_or(0, |m| m as u32);
+    let launch = params.launch(ctx.info());
+    let spec = [
+        (0, mutant_id),
+        (1, launch.lanes as u32),
+        (2, launch.runs_per_lane as u32),
+        (3, launch.heads as u32),
+        (4, launch.positions_per_step as u32),
+        (5, u32::from(launch.vector_loads)),
+        (6, launch.workgroup_size as u32),
+    ];
+    Ok(ctx.pipeline(&PipelineDesc {
+        shader,
+        bindings: split_bindings(params) as u32,
+        push_constant_bytes: 4 * PUSH_WORDS as u32,
+        spec: &spec,
+    })?)
+}
+
 /// A chunk-counter buffer for `params` holding zeros (host-visible; device-local where the device
 /// offers such memory).
-pub fn zeroed_counters(
-    ctx: &std::sync::Arc<Context>,
-    params: &AttentionParams,
-) -> Result<Buffer, crate::gpu::GpuError> {
+pub fn zeroed_counters(ctx: &Arc<Context>, params: &AttentionParams) -> Result<Buffer, crate::gpu::GpuError> {
     let bytes = params.counters_bytes() as usize;
     Buffer::with_bytes(ctx, "attention.counters", &vec![0; bytes], crate::gpu::Location::Upload)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::cases::rng::Rng;
     use crate::cases::run::f32_bytes;
@@ -704,8 +755,9 @@ mod tests {
         let k_cache = upload(ctx, "k_cache", &k_init, Location::Readback);
         let v_cache = upload(ctx, "v_cache", &v_init, Location::Readback);
         let out = upload(ctx, "out", &f32_bytes(&vec![f32::NAN; hq * d]), Location::Readback);
-        let po = Buffer::new(ctx, "partial_o", params.partial_o_bytes(), Location::Device).expect("buffer");
-        let pml = Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(), Location::Device).expect("buffer");
+        let po = Buffer::new(ctx, "partial_o", params.partial_o_bytes(ctx.info()), Location::Device).expect("buffer");
+        let pml =
+            Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(ctx.info()), Location::Device).expect("buffer");
         let counters = zeroed_counters(ctx, &params).expect("buffer");
         let mut rec = Recorder::new(ctx).expect("recorder");
         let bufs = AttentionBuffers {
