@@ -287,11 +287,40 @@ pub struct RunResults {
     pub created: String,
     /// The run's copy bandwidth (the roofline), GB/s at the median.
     pub copy_gbps: f64,
+    /// Measurements of the set these figures are the best of ([`best_of`]); 1 when absent.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub runs: u32,
     pub figures: Vec<Figure>,
 }
 
 fn is_zero(x: &u32) -> bool {
     *x == 0
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(x: &u32) -> bool {
+    *x == 1
+}
+
+/// Two runs of one set as one: each figure from the run where its median came out better, the
+/// copy bandwidth likewise. A figure is then worse than a baseline only when it is worse in both
+/// runs, so a passing slow state of the GPU can neither fail the gate nor skew a baseline. (Seen
+/// on the H100: single shapes 1.5–2.3× slower with tight p10–p90 throughout one measurement, as
+/// h32:kv2:d256 at 20000 with 162.8 against 78.8 µs, and normal in the next.) Figures only in one
+/// run are kept as they are.
+pub fn best_of(a: &RunResults, b: &RunResults) -> RunResults {
+    let better = |x: &Figure, y: &Figure| match x.better {
+        Better::Lower if y.median < x.median => y.clone(),
+        Better::Higher if y.median > x.median => y.clone(),
+        _ => x.clone(),
+    };
+    let mut figures: Vec<Figure> =
+        a.figures.iter().map(|f| b.figure(&f.name).map_or_else(|| f.clone(), |g| better(f, g))).collect();
+    figures.extend(b.figures.iter().filter(|g| a.figure(&g.name).is_none()).cloned());
+    RunResults { copy_gbps: a.copy_gbps.max(b.copy_gbps), runs: a.runs + b.runs, figures, ..a.clone() }
 }
 
 impl RunResults {
@@ -725,6 +754,7 @@ pub fn collect(
         commit: options.commit.clone(),
         created,
         copy_gbps,
+        runs: 1,
         figures,
     })
 }
@@ -837,6 +867,7 @@ mod tests {
             commit: "abc".into(),
             created: "2025-01-01T00:00:00Z".into(),
             copy_gbps: 2900.0,
+            runs: 1,
             figures,
         }
     }
@@ -857,6 +888,26 @@ mod tests {
         let v = compare(&results(vec![time("a", 10.0, 0.1)]), &results(vec![time("a", 11.0, 0.1)]), tol("5%"));
         assert_eq!(outcome(&v), Outcome::Regressed);
         assert!((v[0].change.unwrap() - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_best_of_two_runs_regresses_only_when_both_do() {
+        let base = results(vec![time("a", 10.0, 0.1), time("b", 10.0, 0.1)]);
+        let gbps = |median: f64| Figure { unit: "GB/s".into(), better: Better::Higher, ..time("copy", median, 10.0) };
+        // `a` is slow in the first run only, `b` in both; the copy figure is better in the second.
+        let first = results(vec![time("a", 20.0, 0.1), time("b", 12.0, 0.1), gbps(2800.0)]);
+        let second = results(vec![time("a", 10.1, 0.1), time("b", 11.5, 0.1), gbps(2900.0), time("c", 1.0, 0.1)]);
+        let best = best_of(&first, &second);
+        assert_eq!(best.runs, 2);
+        let medians: Vec<(&str, f64)> = best.figures.iter().map(|f| (f.name.as_str(), f.median)).collect();
+        assert_eq!(medians, [("a", 10.1), ("b", 11.5), ("copy", 2900.0), ("c", 1.0)]);
+        let v = compare(&base, &best, tol("5%"));
+        assert_eq!(v.iter().map(|v| v.status).collect::<Vec<_>>()[..2], [Status::Unchanged, Status::Regressed]);
+        // A single run's file has no `runs` field and reads back as one run.
+        let text = first.to_json();
+        assert!(!text.contains("\"runs\""));
+        assert_eq!(parse_results(&text).unwrap().runs, 1);
+        assert!(best.to_json().contains("\"runs\": 2"));
     }
 
     #[test]

@@ -323,6 +323,7 @@ mod tests {
             },
             commit: "abc".into(),
             created: "2025-01-01T00:00:00Z".into(),
+            runs: 1,
             copy_gbps: 2900.0,
             figures: vec![
                 copy,
