@@ -71,6 +71,15 @@ pub const MAX_AUTO_CHUNK: usize = 4096;
 /// of attention).
 const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
+/// New rows a fused split workgroup packs into shared memory before its loop (the shader's
+/// `NEW_ROWS`), so cache and new rows share one loop; a range with more (multi-query) reads them
+/// in a separate pass. H100, h32:kv8:d128 f16, fused append+attend against attention alone:
+/// +6.6 µs at kv 4096 with that separate pass for the single new row (a block of code run once
+/// per call, cold in the instruction cache: skipping it left +0.6 µs), +2.7 µs with this; in
+/// the Qwen3 decode step (the `_qk` variants) attention at ctx 16384 went 2451 → 2151 µs/token
+/// (8B) and 1403 → 1172 (0.6B). Taking a new row's words by a branch inside the loads instead
+/// of a select made it slower than the separate pass (+16 µs at kv 4096).
+const NEW_ROWS_IN_SHARED: usize = 2;
 /// Compute units assumed where the device does not tell (see [`AttentionParams::split`]).
 pub const DEFAULT_COMPUTE_UNITS: usize = 128;
 /// Query tokens per sequence (speculative verification uses up to 8).
@@ -419,8 +428,10 @@ impl AttentionParams {
                 ));
             }
         }
-        // The split pass's shared memory: the slot-combine buffers, (m, l) per head, the new K row.
-        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM);
+        // The split pass's shared memory: the slot-combine buffers, (m, l) per head, the new K row,
+        // and in fused mode the new rows packed as the cache stores them (f32 at most).
+        let new_rows = if self.fused { 2 * NEW_ROWS_IN_SHARED * MAX_HEAD_DIM } else { 0 };
+        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM + new_rows);
         if (device.max_compute_shared_memory as usize) < shared {
             return Err(invalid(
                 "device",
