@@ -106,7 +106,8 @@ const uint FLAG_SINKS = 1u;
 #if defined(QK_NORM_ROPE)
 const uint M_MERGE_NO_RESCALE = 6;   // merges chunks without the exp(m_c − M) rescale
 const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
-const uint MERGE_MAX = 4;          // at most this many (the host's MERGE_IN_SPLIT_MAX_CHUNKS)
+// Chunks the merge unrolls, ≥ the chunk count (the host's SplitLaunch::merge_unroll).
+layout(constant_id = 7) const uint MERGE_MAX = 4;
 #endif
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 #if defined(QK_NORM_ROPE)

@@ -29,28 +29,37 @@ const PUSH_WORDS: usize = 16;
 const O_CAP: usize = 4096;
 /// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
 const ML_CAP: usize = 1024;
-/// Query-head × dim values one split invocation holds in registers for q and again for the
-/// accumulators, and positions per row slot per step (their loads are in flight together), in
-/// two layouts. Measured inside the Qwen3 decode step (H100 and H200, h32:kv8:d128 and
-/// h16:kv8:d128):
-/// - narrow (16 values, 2 positions: two heads a workgroup at head dim 128, the kv head's other
-///   blocks re-reading its K/V from L2): attention per layer 46 → 19 µs at kv 512 and 57 → 35 µs
-///   at 4096; fewer registers, more workgroups resident, where chunks are short;
-/// - wide (64 values, 4 positions: every head of a GQA group of ≤ 8 in one block, each K/V element
-///   read once): 70 against narrow's 79 µs at kv 16384, where chunks are long and K/V traffic
-///   dominates; also for GQA ratios above 4, which narrow would split into many re-reading blocks.
-///
-/// The narrow layout takes 4 positions a step in the plain and fused variants (H100, one call,
-/// h32:kv8:d128 at kv 4096: 26.1 → 22.2 µs; h16:kv8:d128 at 512: 14.0 → 13.1) but 2 in the
-/// `_qk` variants (the decode engine's), where 4 took Qwen3-0.6B's attention at ctx 512 from 437
-/// to 758 µs/token.
-const NARROW: (usize, usize) = (16, 4);
-const NARROW_QK: (usize, usize) = (16, 2);
-const WIDE: (usize, usize) = (64, 4);
-/// Chunks of at least this many positions take the wide layout.
+/// How many query heads a split workgroup serves (its block of a GQA group; the group's other
+/// blocks re-read the same K/V, mostly from L2) and how many positions each row slot takes per
+/// step (their loads are in flight together, fetched a step ahead). Measured on the H100 (132
+/// SMs, f16, one call back to back; every layout here holds one 256-invocation workgroup per SM,
+/// so bytes in flight per invocation decide, not registers):
+/// - head dims ≤ 128: two heads a block. h32:kv8:d128 (GQA 4) at kv 16384: 51.5 µs with the
+///   whole group in one block (203 registers), 46.8 with two heads (152), 59.9 with one;
+///   h64:kv8:d64 (GQA 8) at 7680: 31.0 (eight heads), 27.3 (four), 24.4 (two);
+/// - head dims above 128: up to eight heads (a 512-byte row is costly to re-read).
+///   h32:kv2:d256 (GQA 16) at 20000: 79.1 µs with eight heads a block (255 registers), 84.2 with
+///   four, 84.7 with two;
+/// - positions per step: 6 in chunks of at least [`LONG_CHUNK`] positions (h32:kv8:d128 at
+///   16384: 46.8 → 41.1 µs with 4 → 6, 40.4 with 8; h16:kv8:d128: 37.8 → 34.0), else 4: a
+///   shorter chunk wastes more of its last step (Qwen3-8B's in-step attention at ctx 4096,
+///   chunks of 512: 871 µs/token with 4, 905 with 6). At d256, 4 (6: 84.3 µs). The `_qk`
+///   variants take 2 in chunks under [`WIDE_FROM_CHUNK`]: 4 took Qwen3-0.6B's attention at ctx
+///   512 from 437 to 758 µs/token.
+const HEADS_PER_BLOCK: usize = 2;
+const HEADS_PER_BLOCK_LARGE_DIMS: usize = 8;
+const POSITIONS_PER_STEP: usize = 4;
+const POSITIONS_PER_STEP_LONG: usize = 6;
+const POSITIONS_PER_STEP_QK_SHORT: usize = 2;
+/// Chunks of at least this many positions take [`POSITIONS_PER_STEP_LONG`].
+const LONG_CHUNK: usize = 1024;
+/// Chunks below this many positions take [`POSITIONS_PER_STEP_QK_SHORT`] in the `_qk` variants.
 const WIDE_FROM_CHUNK: usize = 512;
-/// Most query heads one split workgroup serves (the wide layout's values / 8).
-const MAX_HEADS_PER_WORKGROUP: usize = WIDE.0 / 8;
+/// Query-head × dim values one invocation holds in registers for q (and again for the
+/// accumulators): heads per block × 8 × runs per lane ≤ this (the shader's arrays).
+const MAX_LANE_VALUES: usize = 64;
+/// Most query heads one split workgroup serves.
+const MAX_HEADS_PER_WORKGROUP: usize = HEADS_PER_BLOCK_LARGE_DIMS;
 /// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
 /// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
 const SPLIT_WG: usize = 256;
@@ -59,8 +68,13 @@ pub const CHUNK_TILE: usize = 64;
 /// Smallest and largest automatic chunk: below 256 positions a workgroup's fixed costs (query
 /// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds. (H100,
 /// Qwen3 decode step at ctx 512: chunks of 64 took 8B's attention from 634 to 862 µs/token and
-/// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs.)
+/// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs.) The `_qk`
+/// variants, which merge up to [`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks in the split pass (no merge
+/// dispatch), take chunks from 128 positions: at ctx 512 that took Qwen3-0.6B's attention from
+/// 434 to 379 µs/token and 8B's from 576 to 505 (64: 392 and 499; 128 with 4 positions a step
+/// instead of 2: 396 and 508).
 pub const MIN_AUTO_CHUNK: usize = 256;
+pub const MIN_AUTO_CHUNK_QK: usize = 128;
 pub const MAX_AUTO_CHUNK: usize = 4096;
 /// Most chunks the split pass merges itself (`_qk` variants). H100, one call: at kv 512 (2
 /// chunks) merging in the split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv
@@ -68,8 +82,12 @@ pub const MAX_AUTO_CHUNK: usize = 4096;
 /// dispatch; Qwen3-0.6B at ctx 512 (3 chunks): 1550 → 1500 µs/token, and 1468 with every partial
 /// of an element loaded up front (the shader's `MERGE_MAX` = this). Staging the chunk weights
 /// through shared memory instead cost two more barriers and was slower (500 against 475 µs/token
-/// of attention).
-const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 4;
+/// of attention). The shader unrolls that many loads per element (a specialization constant:
+/// the chunk count rounded up to a power of two, at least 4), so short contexts keep a small
+/// merge: a fixed bound of 16 took Qwen3-0.6B at ctx 4096 from 1783 to 1720 µs/token but at 512
+/// from 1462 to 1510.
+const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 16;
+const MERGE_IN_SPLIT_MIN_UNROLL: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
 /// New rows a fused split workgroup packs into shared memory before its loop (the shader's
 /// `NEW_ROWS`), so cache and new rows share one loop; a range with more (multi-query) reads them
@@ -201,7 +219,7 @@ pub struct AttentionBuffers<'a> {
     pub qk_norm_rope: Option<QkNormRope<'a>>,
 }
 
-/// The split pass's layout (specialization constants 1..=6 and the grid's x extent), see
+/// The split pass's layout (specialization constants 1..=7 and the grid's x extent), see
 /// `shaders/attention_split.comp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplitLaunch {
@@ -217,6 +235,8 @@ pub struct SplitLaunch {
     /// Every row starts 16-byte aligned, so rows are read with 16-byte loads.
     pub vector_loads: bool,
     pub workgroup_size: usize,
+    /// Chunks the in-split merge unrolls (see [`AttentionParams::merges_in_split`]).
+    pub merge_unroll: usize,
 }
 
 impl AttentionParams {
@@ -263,13 +283,14 @@ impl AttentionParams {
     pub fn launch(&self, device: &DeviceInfo) -> SplitLaunch {
         let (lanes, runs_per_lane) = self.lanes(device);
         let ratio = self.gqa_ratio();
-        let (lane_values, positions_per_step) =
-            match (self.split(device).0 >= WIDE_FROM_CHUNK || ratio > 4, &self.qk_norm_rope) {
-                (true, _) => WIDE,
-                (false, None) => NARROW,
-                (false, Some(_)) => NARROW_QK,
-            };
-        let blocks = self.head_blocks(device, lane_values);
+        let (chunk, chunks) = self.split(device);
+        let positions_per_step = match (self.head_dim > 128, chunk >= LONG_CHUNK, &self.qk_norm_rope) {
+            (true, _, _) => POSITIONS_PER_STEP,
+            (false, true, _) => POSITIONS_PER_STEP_LONG,
+            (false, false, Some(_)) if chunk < WIDE_FROM_CHUNK => POSITIONS_PER_STEP_QK_SHORT,
+            (false, false, _) => POSITIONS_PER_STEP,
+        };
+        let blocks = self.head_blocks(device);
         let heads = ratio.div_ceil(blocks);
         // The shader's slot-combine buffers bound slots · head_dim and slots · heads. A power of
         // two, so few workgroup sizes occur: each launch shape is a pipeline, and on CPU devices
@@ -289,6 +310,11 @@ impl AttentionParams {
             positions_per_step,
             vector_loads: vec,
             workgroup_size: lanes * slots,
+            merge_unroll: if self.merges_in_split(device) {
+                chunks.next_power_of_two().max(MERGE_IN_SPLIT_MIN_UNROLL)
+            } else {
+                MERGE_IN_SPLIT_MIN_UNROLL
+            },
         }
     }
 
@@ -306,19 +332,19 @@ impl AttentionParams {
         (lanes, runs.div_ceil(lanes))
     }
 
-    /// Blocks of query heads a GQA group is cut into when each invocation holds `lane_values`
-    /// query-head × dim values.
-    fn head_blocks(&self, device: &DeviceInfo, lane_values: usize) -> usize {
+    /// Blocks of query heads a GQA group is cut into (see [`HEADS_PER_BLOCK`]).
+    fn head_blocks(&self, device: &DeviceInfo) -> usize {
         let (_, runs_per_lane) = self.lanes(device);
-        let head_cap = (lane_values / (8 * runs_per_lane)).max(1);
+        let cap = if self.head_dim > 128 { HEADS_PER_BLOCK_LARGE_DIMS } else { HEADS_PER_BLOCK };
+        let head_cap = cap.min(MAX_LANE_VALUES / (8 * runs_per_lane)).max(1);
         self.gqa_ratio().div_ceil(head_cap)
     }
 
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice fills
     /// one wave: a split workgroup per compute unit where the device tells their number, else
-    /// per [`DEFAULT_COMPUTE_UNITS`] (the wide layout's registers allow one per H100 SM: 203 at
-    /// h32:kv8:d128), counting every head block; chunks stay within [`MIN_AUTO_CHUNK`] and
-    /// [`MAX_AUTO_CHUNK`] positions. H100 (132 SMs), µs per call against the former fixed
+    /// per [`DEFAULT_COMPUTE_UNITS`] (the layouts' 150–255 registers per invocation allow one per
+    /// H100 SM), counting every head block; chunks stay within [`MIN_AUTO_CHUNK`] (`_qk`
+    /// variants: [`MIN_AUTO_CHUNK_QK`]) and [`MAX_AUTO_CHUNK`] positions. H100 (132 SMs), µs per call against the former fixed
     /// target of 256 workgroups: h32:kv8:d128 at kv 8192 45.9 → 31.7, at 16384 54.9 → 51.6;
     /// h32:kv2:d256 at 20000 110.7 → 79.0; in the Qwen3-8B decode step at ctx 16384, attention
     /// 2636 → 2452 µs/token. A second, partly filled wave costs most of a wave: 160 workgroups
@@ -327,9 +353,10 @@ impl AttentionParams {
         let capacity = self.layout.capacity.max(1);
         let chunk = self.split_chunk.unwrap_or_else(|| {
             let units = device.compute_units.map_or(DEFAULT_COMPUTE_UNITS, |n| n as usize);
-            let others = self.n_kv_heads * self.n_seqs * self.n_queries * self.head_blocks(device, WIDE.0);
+            let others = self.n_kv_heads * self.n_seqs * self.n_queries * self.head_blocks(device);
             let chunks = (units / others.max(1)).max(1);
-            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(MIN_AUTO_CHUNK, MAX_AUTO_CHUNK)
+            let min = if self.qk_norm_rope.is_some() { MIN_AUTO_CHUNK_QK } else { MIN_AUTO_CHUNK };
+            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(min, MAX_AUTO_CHUNK)
         });
         (chunk, capacity.div_ceil(chunk))
     }
@@ -640,6 +667,7 @@ pub fn split_pipeline(
         (4, launch.positions_per_step as u32),
         (5, u32::from(launch.vector_loads)),
         (6, launch.workgroup_size as u32),
+        (7, launch.merge_unroll as u32),
     ];
     Ok(ctx.pipeline(&PipelineDesc {
         shader,
@@ -688,28 +716,30 @@ mod tests {
     fn the_qk_norm_rope_prologue_matches_the_reference() {
         let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");
         // (H, Hkv, D, dtype, seq_len, capacity): GQA 1, 2, 5 (Qwen3-14B), 8; head dims 32..256;
-        // the first position; narrow and wide split layouts; one chunk and several.
-        let cases: [QkCase; 6] = [
+        // the first position; narrow and wide split layouts; one chunk and several, merged in the
+        // split pass (on lavapipe up to 11 chunks, 10 of them visible in the last case).
+        let cases: [QkCase; 7] = [
             (8, 8, 64, Dtype::F32, 37, 40),
             (4, 2, 32, Dtype::Bf16, 5, 9),
             (16, 8, 128, Dtype::F16, 1, 4),
             (16, 2, 128, Dtype::F16, 300, 310),
             (40, 8, 128, Dtype::Bf16, 700, 700),
             (8, 2, 256, Dtype::F32, 130, 1100),
+            (16, 8, 64, Dtype::F16, 1200, 1300),
         ];
         for (i, case) in cases.iter().enumerate() {
             check_qk_case(&ctx, i, case, None).unwrap_or_else(|e| panic!("{e}"));
         }
         // Its power: the engine's prologue mutants fail a narrow and a wide case; dropping the
         // rescale of the merge (in the split pass here) fails the cases with several visible
-        // chunks (cases 3 and 4: 2 and 3 chunks of 256 positions).
-        let must_fail = [
-            (AttentionMutant::InterleavedRope, [0, 4]),
-            (AttentionMutant::SkipQkNorm, [0, 4]),
-            (AttentionMutant::MergeNoRescale, [3, 4]),
+        // chunks (cases 3, 4 and 6).
+        let must_fail: [(AttentionMutant, &[usize]); 3] = [
+            (AttentionMutant::InterleavedRope, &[0, 4]),
+            (AttentionMutant::SkipQkNorm, &[0, 4]),
+            (AttentionMutant::MergeNoRescale, &[3, 4, 6]),
         ];
         for (m, which) in must_fail {
-            for i in which {
+            for &i in which {
                 assert!(check_qk_case(&ctx, i, &cases[i], Some(m)).is_err(), "{} survives case {i}", m.name());
             }
         }
