@@ -187,6 +187,15 @@ void main() {
     uint tid = gl_LocalInvocationID.x;
     uint chunks = cols / PER_CHUNK;
 
+    // FLAG_ACCUMULATE: the old value is loaded now, so its latency overlaps the products rather
+    // than following the reduction (only this invocation writes the element).
+    bool add = (flags & FLAG_ACCUMULATE) != 0u;
+    float y_old = 0.0;
+    if (add && tid < n_rows) {
+        uint row = row0 + tid;
+        y_old = m == 0u ? y0[row] : (m == 1u ? y1[row] : y2[row]);
+    }
+
     [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) acc[r] = 0.0;
     if (m == 0u) {
         ROWS_DOT(w0v, w0, 0, true)
@@ -222,8 +231,8 @@ void main() {
     }
     uint row = row0 + tid;
     float result = swiglu ? dot0 / (1.0 + exp(-dot0)) * dot1 : dot0;
-    bool add = (flags & FLAG_ACCUMULATE) != 0u;
-    if (m == 0u) y0[row] = add ? y0[row] + result : result;
-    else if (m == 1u) y1[row] = add ? y1[row] + result : result;
-    else y2[row] = add ? y2[row] + result : result;
+    result += y_old;
+    if (m == 0u) y0[row] = result;
+    else if (m == 1u) y1[row] = result;
+    else y2[row] = result;
 }
