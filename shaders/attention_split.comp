@@ -25,10 +25,9 @@
 //   softmax: running max m (finite floor), sum l, rescale alpha, per head, in every lane;
 //   P·V:    acc[head][own dims] = alpha·acc + Σ p·v, with the V rows loaded beside the K rows.
 // At the end the slots' (acc, m, l) are combined by log-sum-exp through shared memory (the only
-// barriers), and the workgroup writes its partial (O, m, l) per head. In the _qk variants, with
-// few chunks (FLAG_MERGE_HERE), the last workgroup of each group of chunks merges them (a
-// device-scope counter: no second dispatch, no barrier); otherwise attention_merge.comp does, in
-// parallel. (Compiled into every variant, the merge doubled lavapipe's compile-bound test time.)
+// barriers), and the workgroup writes its partial (O, m, l) per head. With few chunks
+// (FLAG_MERGE_HERE), the last workgroup of each group of chunks merges them (a device-scope
+// counter: no second dispatch, no barrier); otherwise attention_merge.comp does, in parallel.
 // With a single chunk it writes the normalised output directly, sinks included.
 // LANES, CPL, HPW, NP and WG are specialization constants (src/kernels/attention.rs picks them
 // from the head dim, the GQA ratio and the device's subgroup size) so the loops unroll and the
@@ -103,12 +102,10 @@ const uint WPR = 1;
 #endif
 
 const uint FLAG_SINKS = 1u;
-#if defined(QK_NORM_ROPE)
 const uint M_MERGE_NO_RESCALE = 6;   // merges chunks without the exp(m_c − M) rescale
 const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
 // Chunks the merge unrolls, ≥ the chunk count (the host's SplitLaunch::merge_unroll).
 layout(constant_id = 7) const uint MERGE_MAX = 4;
-#endif
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 #if defined(QK_NORM_ROPE)
 const uint KNEW = MAX_D;
@@ -148,14 +145,9 @@ layout(std430, binding = 3) readonly buffer VCache { KV_T v_cache[]; };
 layout(std430, binding = 2) readonly buffer KCache4 { uvec4 k4[]; };
 layout(std430, binding = 3) readonly buffer VCache4 { uvec4 v4[]; };
 layout(std430, binding = 4) writeonly buffer Out { float o[]; };
-#if defined(QK_NORM_ROPE)
 // Partials are coherent: one workgroup's writes are read by the group's last workgroup.
 layout(std430, binding = 5) coherent buffer PartialO { float part_o[]; };   // [row][chunk][D]
 layout(std430, binding = 6) coherent buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
-#else
-layout(std430, binding = 5) writeonly buffer PartialO { float part_o[]; };   // [row][chunk][D]
-layout(std430, binding = 6) writeonly buffer PartialML { vec2 part_ml[]; }; // [row][chunk] (m, l)
-#endif
 layout(std430, binding = 7) readonly buffer Sinks { float sinks[]; };        // [n_q_heads]
 layout(std430, binding = 8) readonly buffer NewK { uint new_k[]; };          // [B][n_queries][Hkv][D] f32
 layout(std430, binding = 9) readonly buffer NewV { uint new_v[]; };
@@ -164,19 +156,15 @@ layout(std430, binding = 9) readonly buffer NewV4 { uvec4 new_v4[]; };
 layout(std430, binding = 10) readonly buffer QNorm { float q_norm[]; };   // [D] (_qk variants)
 layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
 layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
-#if defined(QK_NORM_ROPE)
 // Chunks counted per group of workgroups sharing output rows; zero between calls.
 layout(std430, binding = 13) coherent buffer Counters { uint counters[]; };
-#endif
 
 shared float o_s[O_CAP];     // [head of the round][slot][D]
 shared float m_s[ML_CAP];    // [slot][head]
 shared float l_s[ML_CAP];
 shared float mm_s[HPW];      // combined (m, l) per head
 shared float ll_s[HPW];
-#if defined(QK_NORM_ROPE)
 shared bool last_s;          // this workgroup counted its group's last chunk
-#endif
 shared float knew_s[KNEW];   // _qk variants: the new K row, normalised and rotated
 #if defined(FUSED)
 // Fused variants: up to NEW_ROWS new rows of this workgroup's range, rounded and packed as the
@@ -230,6 +218,19 @@ void load_new8(uint e, uint dc, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 
     }
     v0 = i < new_v4.length() ? round4(new_v4[i]) : vec4(0.0);
     v1 = i + 1u < new_v4.length() ? round4(new_v4[i + 1u]) : vec4(0.0);
+}
+
+// The _qk prologue's pair j (of rows × D/2: row j / half_d, the query heads then the new K row):
+// its two norm weights and its (cos, sin) at table offset at.
+void pair_consts(uint j, uint nh, uint half_d, uint at, out float w0, out float w1, out vec2 cs) {
+    uint r = j / half_d;
+    uint i = j - r * half_d;
+    uint i0 = MUTANT == M_INTERLEAVED_ROPE ? 2u * i : i;
+    uint i1 = MUTANT == M_INTERLEAVED_ROPE ? 2u * i + 1u : i + half_d;
+    bool is_q = r < nh;
+    w0 = is_q ? (i0 < q_norm.length() ? q_norm[i0] : 0.0) : (i0 < k_norm.length() ? k_norm[i0] : 0.0);
+    w1 = is_q ? (i1 < q_norm.length() ? q_norm[i1] : 0.0) : (i1 < k_norm.length() ? k_norm[i1] : 0.0);
+    cs = at + i < rope.length() ? rope[at + i] : vec2(0.0);
 }
 
 float v_elem(uint x) {
@@ -471,6 +472,12 @@ void main() {
         uint half_d = D / 2u;
         uint rows = nh + 1u;
         uint krow = ((b * p.n_queries + t) * p.n_kv_heads + kvh) * D;
+        uint at = min(uint(pos < 0 ? 0 : pos), p.capacity - 1u) * half_d;
+        // The norm weights and (cos, sin) of this invocation's first pair are loaded with the raw
+        // rows, so their latency overlaps those loads rather than following two barriers.
+        float w0_first, w1_first;
+        vec2 cs_first;
+        pair_consts(tid, nh, half_d, at, w0_first, w1_first, cs_first);
         for (uint i = tid; i < rows * D; i += WG) {
             uint r = i / D;
             uint d = i - r * D;
@@ -485,7 +492,6 @@ void main() {
             if (subgroupElect()) m_s[r] = ss;
         }
         barrier();
-        uint at = min(uint(pos < 0 ? 0 : pos), p.capacity - 1u) * half_d;
         for (uint j = tid; j < rows * half_d; j += WG) {
             uint r = j / half_d;
             uint i = j - r * half_d;
@@ -493,15 +499,14 @@ void main() {
             uint i1 = MUTANT == M_INTERLEAVED_ROPE ? 2u * i + 1u : i + half_d;
             float x0 = o_s[r * D + i0];
             float x1 = o_s[r * D + i1];
+            float w0 = w0_first, w1 = w1_first;
+            vec2 cs = cs_first;
+            if (j != tid) pair_consts(j, nh, half_d, at, w0, w1, cs);   // pairs past the first
             if (MUTANT != M_SKIP_QK_NORM) {
                 float rs = inversesqrt(m_s[r] / float(D) + p.eps);
-                bool is_q = r < nh;
-                float w0 = is_q ? (i0 < q_norm.length() ? q_norm[i0] : 0.0) : (i0 < k_norm.length() ? k_norm[i0] : 0.0);
-                float w1 = is_q ? (i1 < q_norm.length() ? q_norm[i1] : 0.0) : (i1 < k_norm.length() ? k_norm[i1] : 0.0);
                 x0 = x0 * rs * w0;
                 x1 = x1 * rs * w1;
             }
-            vec2 cs = at + i < rope.length() ? rope[at + i] : vec2(0.0);
             float y0 = x0 * cs.x - x1 * cs.y;
             float y1 = x1 * cs.x + x0 * cs.y;
             if (r < nh) {
@@ -671,7 +676,6 @@ void main() {
         uint part = (row0 + tid) * p.n_chunks + c;
         if (part < part_ml.length()) part_ml[part] = vec2(mm_s[tid], ll_s[tid]);
     }
-#if defined(QK_NORM_ROPE)
     // One chunk: written above; without FLAG_MERGE_HERE attention_merge.comp merges (uniform).
     if (p.n_chunks == 1u || (p.flags & FLAG_MERGE_HERE) == 0u) return;
 
@@ -729,5 +733,4 @@ void main() {
         uint idx = (row0 + hh) * D + d;
         if (idx < o.length()) o[idx] = L > 0.0 ? sum / L : 0.0;
     }
-#endif
 }

@@ -71,6 +71,8 @@ pub struct AttentionGpu {
     pub out: Vec<f32>,
     /// Fused calls: the K and V caches after the kernel appended the new tokens.
     pub caches_after: Option<(Vec<u8>, Vec<u8>)>,
+    /// The in-split merge's chunk counters after the call: every call must leave them zero.
+    pub counters_after: Vec<u8>,
 }
 
 /// One append run: the inputs and both caches after the GPU and the reference appends.
@@ -121,6 +123,12 @@ pub fn run_attention(
             [("K", k_after, &fused.k_after), ("V", v_after, &fused.v_after)],
         );
     }
+    if let Some(i) = gpu.counters_after.iter().position(|&b| b != 0) {
+        outcome.passed = false;
+        outcome.detail.get_or_insert_with(|| {
+            format!("split-K merge: chunk counter {} was left nonzero (each call must reset it)", i / 4)
+        });
+    }
     let run = AttentionRun { inputs, gpu: gpu.out, reference, caches_after: gpu.caches_after };
     Ok((outcome, run))
 }
@@ -145,6 +153,7 @@ struct AttentionUploads {
     out: Buffer,
     partial_o: Buffer,
     partial_ml: Buffer,
+    counters: Buffer,
     sinks: Option<Buffer>,
     /// The step's new K/V (fused inputs), when the inputs have them.
     new_kv: Option<(Buffer, Buffer)>,
@@ -169,6 +178,7 @@ impl AttentionUploads {
             out: poisoned("attention.out", 4 * p.q_elements() as u64, Location::Readback)?,
             partial_o: poisoned("attention.partial_o", p.partial_o_bytes(ctx.info()), Location::Upload)?,
             partial_ml: poisoned("attention.partial_ml", p.partial_ml_bytes(ctx.info()), Location::Upload)?,
+            counters: attention::zeroed_counters(ctx, p)?,
             sinks: inputs
                 .sinks
                 .as_ref()
@@ -195,6 +205,7 @@ impl AttentionUploads {
             out: &self.out,
             partial_o: &self.partial_o,
             partial_ml: &self.partial_ml,
+            counters: &self.counters,
             sinks: self.sinks.as_ref(),
             new_k: new_kv.map(|(k, _)| k),
             new_v: new_kv.map(|(_, v)| v),
@@ -222,7 +233,7 @@ pub fn run_attention_gpu(
     attention::record(&mut rec, ctx, &p, dev.buffers(p.fused), mutant)?;
     rec.submit()?;
     let caches_after = if p.fused { Some((dev.k.read()?, dev.v.read()?)) } else { None };
-    Ok(AttentionGpu { out: dev.output()?, caches_after })
+    Ok(AttentionGpu { out: dev.output()?, caches_after, counters_after: dev.counters.read()? })
 }
 
 /// The unfused way to do a fused case's work: the append kernel writes the new tokens, a
@@ -254,7 +265,11 @@ pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> R
     rec.barrier(); // the attention below reads what the append wrote
     attention::record(&mut rec, ctx, &p, dev.buffers(false), None)?;
     rec.submit()?;
-    Ok(AttentionGpu { out: dev.output()?, caches_after: Some((dev.k.read()?, dev.v.read()?)) })
+    Ok(AttentionGpu {
+        out: dev.output()?,
+        caches_after: Some((dev.k.read()?, dev.v.read()?)),
+        counters_after: dev.counters.read()?,
+    })
 }
 
 /// Fused calls: both caches must equal the expected bytes exactly (the new slots written, every

@@ -534,6 +534,7 @@ fn record_step<'a>(
             out: &s.attn,
             partial_o: &s.partial_o,
             partial_ml: &s.partial_ml,
+            counters: &s.counters,
             sinks: None,
             new_k: Some(&s.k),
             new_v: Some(&s.v),
@@ -541,7 +542,6 @@ fn record_step<'a>(
                 q_norm: &engine.qk_norms[l].0,
                 k_norm: &engine.qk_norms[l].1,
                 rope: &s.rope,
-                counters: &s.counters,
             }),
         };
         attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;

@@ -68,15 +68,14 @@ pub const CHUNK_TILE: usize = 64;
 /// Smallest and largest automatic chunk: below 256 positions a workgroup's fixed costs (query
 /// load, slot combine, partial write, a longer merge) outweigh the parallelism it adds. (H100,
 /// Qwen3 decode step at ctx 512: chunks of 64 took 8B's attention from 634 to 862 µs/token and
-/// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs.) The `_qk`
-/// variants, which merge up to [`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks in the split pass (no merge
-/// dispatch), take chunks from 128 positions: at ctx 512 that took Qwen3-0.6B's attention from
+/// 0.6B's from 500 to 517, though one call back to back went from 14.0 to 10.9 µs, with a merge
+/// dispatch after the split pass.) Since up to [`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks merge in the
+/// split pass, chunks start at 128 positions: at ctx 512 that took Qwen3-0.6B's attention from
 /// 434 to 379 µs/token and 8B's from 576 to 505 (64: 392 and 499; 128 with 4 positions a step
-/// instead of 2: 396 and 508).
-pub const MIN_AUTO_CHUNK: usize = 256;
-pub const MIN_AUTO_CHUNK_QK: usize = 128;
+/// instead of 2: 396 and 508); h32:kv8:d128 at kv 512, one call: 10.9 → 9.3 µs.
+pub const MIN_AUTO_CHUNK: usize = 128;
 pub const MAX_AUTO_CHUNK: usize = 4096;
-/// Most chunks the split pass merges itself (`_qk` variants). H100, one call: at kv 512 (2
+/// Most chunks the split pass merges itself. H100, one call: at kv 512 (2
 /// chunks) merging in the split pass took 14.2 → 12.6 µs (no second dispatch and barrier); at kv
 /// 16384 (32 chunks) the serial merge of one workgroup took 55 → 81 µs against the parallel merge
 /// dispatch; Qwen3-0.6B at ctx 512 (3 chunks): 1550 → 1500 µs/token, and 1468 with every partial
@@ -85,7 +84,8 @@ pub const MAX_AUTO_CHUNK: usize = 4096;
 /// of attention). The shader unrolls that many loads per element (a specialization constant:
 /// the chunk count rounded up to a power of two, at least 4), so short contexts keep a small
 /// merge: a fixed bound of 16 took Qwen3-0.6B at ctx 4096 from 1783 to 1720 µs/token but at 512
-/// from 1462 to 1510.
+/// from 1462 to 1510. Every variant merges in the split pass (it was the `_qk` variants only):
+/// h32:kv8:d128 f16, one call, at kv 4096 19.1 → 17.3 µs, 8192 26.2 → 24.0, 16384 41.0 → 38.7.
 const MERGE_IN_SPLIT_MAX_CHUNKS: usize = 16;
 const MERGE_IN_SPLIT_MIN_UNROLL: usize = 4;
 const MERGE_PUSH_WORDS: usize = 5;
@@ -188,20 +188,20 @@ pub struct AttentionParams {
 }
 
 /// The inputs of [`AttentionParams::qk_norm_rope`]: f32 `[head_dim]` norm weights for q and k,
-/// f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position, and the chunk counters of the
-/// in-split merge (see [`AttentionParams::merges_in_split`]; zeros, sized by
-/// [`AttentionParams::counters_bytes`], from [`zeroed_counters`]).
+/// and f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position.
 #[derive(Clone, Copy)]
 pub struct QkNormRope<'a> {
     pub q_norm: &'a Buffer,
     pub k_norm: &'a Buffer,
     pub rope: &'a Buffer,
-    pub counters: &'a Buffer,
 }
 
 /// The buffers of one call: `seq_lens` is u32 `[B]`, `out` has Q's shape, and the two partial
 /// buffers hold the split-K intermediates (sizes from [`AttentionParams::partial_o_bytes`] and
-/// [`AttentionParams::partial_ml_bytes`]; unused, but bound, with one chunk).
+/// [`AttentionParams::partial_ml_bytes`]; unused, but bound, with one chunk). `counters` holds
+/// the chunk counters of the in-split merge (see [`AttentionParams::merges_in_split`]): zeros,
+/// sized by [`AttentionParams::counters_bytes`], from [`zeroed_counters`]; each call leaves them
+/// zero, and calls sharing them must be separated by a barrier.
 pub struct AttentionBuffers<'a> {
     pub q: &'a Buffer,
     pub seq_lens: &'a Buffer,
@@ -210,6 +210,7 @@ pub struct AttentionBuffers<'a> {
     pub out: &'a Buffer,
     pub partial_o: &'a Buffer,
     pub partial_ml: &'a Buffer,
+    pub counters: &'a Buffer,
     /// With [`AttentionParams::sinks`].
     pub sinks: Option<&'a Buffer>,
     /// With [`AttentionParams::fused`].
@@ -343,8 +344,8 @@ impl AttentionParams {
     /// (positions per chunk, number of chunks) of the split-K pass. The automatic choice fills
     /// one wave: a split workgroup per compute unit where the device tells their number, else
     /// per [`DEFAULT_COMPUTE_UNITS`] (the layouts' 150–255 registers per invocation allow one per
-    /// H100 SM), counting every head block; chunks stay within [`MIN_AUTO_CHUNK`] (`_qk`
-    /// variants: [`MIN_AUTO_CHUNK_QK`]) and [`MAX_AUTO_CHUNK`] positions. H100 (132 SMs), µs per call against the former fixed
+    /// H100 SM), counting every head block; chunks stay within [`MIN_AUTO_CHUNK`] and
+    /// [`MAX_AUTO_CHUNK`] positions. H100 (132 SMs), µs per call against the former fixed
     /// target of 256 workgroups: h32:kv8:d128 at kv 8192 45.9 → 31.7, at 16384 54.9 → 51.6;
     /// h32:kv2:d256 at 20000 110.7 → 79.0; in the Qwen3-8B decode step at ctx 16384, attention
     /// 2636 → 2452 µs/token. A second, partly filled wave costs most of a wave: 160 workgroups
@@ -355,8 +356,7 @@ impl AttentionParams {
             let units = device.compute_units.map_or(DEFAULT_COMPUTE_UNITS, |n| n as usize);
             let others = self.n_kv_heads * self.n_seqs * self.n_queries * self.head_blocks(device);
             let chunks = (units / others.max(1)).max(1);
-            let min = if self.qk_norm_rope.is_some() { MIN_AUTO_CHUNK_QK } else { MIN_AUTO_CHUNK };
-            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(min, MAX_AUTO_CHUNK)
+            capacity.div_ceil(chunks).next_multiple_of(CHUNK_TILE).clamp(MIN_AUTO_CHUNK, MAX_AUTO_CHUNK)
         });
         (chunk, capacity.div_ceil(chunk))
     }
@@ -369,11 +369,9 @@ impl AttentionParams {
 
     /// Whether the split pass merges its chunks itself (the last workgroup of each group of
     /// chunks, counted on a device-scope counter) rather than a second merge dispatch after a
-    /// barrier: with 2..=[`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks, in the `qk_norm_rope` (decode
-    /// engine) variants only. Compiled into every variant, that code doubled lavapipe's time for
-    /// the property tests (174 → 355 s), so the other callers keep the merge pass.
+    /// barrier: with 2..=[`MERGE_IN_SPLIT_MAX_CHUNKS`] chunks.
     pub fn merges_in_split(&self, device: &DeviceInfo) -> bool {
-        self.qk_norm_rope.is_some() && (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split(device).1)
+        (2..=MERGE_IN_SPLIT_MAX_CHUNKS).contains(&self.split(device).1)
     }
 
     /// Bytes of the chunk-counter buffer (u32, one per group of split workgroups sharing output
@@ -529,6 +527,7 @@ pub fn record<'a>(
     check_buffer("seq_lens", bufs.seq_lens.size(), 4 * params.n_seqs as u64)?;
     check_buffer("k_cache", bufs.k_cache.size(), cache_bytes)?;
     check_buffer("v_cache", bufs.v_cache.size(), cache_bytes)?;
+    check_buffer("counters", bufs.counters.size(), params.counters_bytes())?;
     if n_chunks > 1 {
         check_buffer("partial_o", bufs.partial_o.size(), params.partial_o_bytes(ctx.info()))?;
         check_buffer("partial_ml", bufs.partial_ml.size(), params.partial_ml_bytes(ctx.info()))?;
@@ -548,13 +547,12 @@ pub fn record<'a>(
             check_buffer("q_norm", b.q_norm.size(), 4 * d)?;
             check_buffer("k_norm", b.k_norm.size(), 4 * d)?;
             check_buffer("rope", b.rope.size(), 4 * d * params.layout.capacity as u64)?;
-            check_buffer("counters", b.counters.size(), params.counters_bytes())?;
-            [b.q_norm, b.k_norm, b.rope, b.counters]
+            [b.q_norm, b.k_norm, b.rope]
         }
         (Some(_), None) => {
             return Err(invalid("qk_norm_rope", "`qk_norm_rope` is set but its buffers were not given").into());
         }
-        (None, _) => [bufs.q, bufs.q, bufs.q, bufs.q],
+        (None, _) => [bufs.q, bufs.q, bufs.q],
     };
     let (new_k, new_v) = match (params.fused, bufs.new_k, bufs.new_v) {
         (true, Some(k), Some(v)) => {
@@ -568,7 +566,6 @@ pub fn record<'a>(
     };
 
     let pipeline = split_pipeline(ctx, params, mutant)?;
-    let bindings = split_bindings(params);
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let launch = params.launch(ctx.info());
     let l = &params.layout;
@@ -604,12 +601,12 @@ pub fn record<'a>(
         qk[0],
         qk[1],
         qk[2],
-        qk[3],
+        bufs.counters,
     ];
     // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
     let groups =
         [(n_chunks * launch.head_blocks) as u32, params.n_kv_heads as u32, (params.n_seqs * params.n_queries) as u32];
-    rec.dispatch(&pipeline, &buffers[..bindings], &push, groups, "decode_attention.split")?;
+    rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
     if n_chunks == 1 || merge_in_split {
         return Ok(());
     }
@@ -633,11 +630,8 @@ pub fn record<'a>(
     Ok(())
 }
 
-/// Storage buffers the split pipeline binds: the chunk counters (binding 13) exist in the `_qk`
-/// variants only.
-fn split_bindings(params: &AttentionParams) -> usize {
-    if params.qk_norm_rope.is_some() { 14 } else { 13 }
-}
+/// Storage buffers the split pipeline binds (the chunk counters last).
+const SPLIT_BINDINGS: u32 = 14;
 
 /// The split pass's pipeline for `params` on this device (its variant and launch shape): what
 /// [`record`] dispatches, and what a benchmark asks for the driver's statistics.
@@ -671,7 +665,7 @@ pub fn split_pipeline(
     ];
     Ok(ctx.pipeline(&PipelineDesc {
         shader,
-        bindings: split_bindings(params) as u32,
+        bindings: SPLIT_BINDINGS,
         push_constant_bytes: 4 * PUSH_WORDS as u32,
         spec: &spec,
     })?)
@@ -809,10 +803,11 @@ mod tests {
             out: &out,
             partial_o: &po,
             partial_ml: &pml,
+            counters: &counters,
             sinks: None,
             new_k: Some(&kb),
             new_v: Some(&vb),
-            qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope, counters: &counters }),
+            qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope }),
         };
         record(&mut rec, ctx, &params, bufs, mutant).expect(&what);
         rec.submit().expect("submit");
