@@ -33,7 +33,9 @@ const ML_CAP: usize = 1024;
 /// blocks re-read the same K/V, mostly from L2) and how many positions each row slot takes per
 /// step (their loads are in flight together, fetched a step ahead). Measured on the H100 (132
 /// SMs, f16, one call back to back; every layout here holds one 256-invocation workgroup per SM,
-/// so bytes in flight per invocation decide, not registers):
+/// so bytes in flight per invocation decide, not registers: h32:kv8:d128 at kv 16384 with 3
+/// positions a step, 123 registers, two workgroups per SM and chunks for two waves took 58.8 µs
+/// against 41.1):
 /// - head dims ≤ 128: two heads a block. h32:kv8:d128 (GQA 4) at kv 16384: 51.5 µs with the
 ///   whole group in one block (203 registers), 46.8 with two heads (152), 59.9 with one;
 ///   h64:kv8:d64 (GQA 8) at 7680: 31.0 (eight heads), 27.3 (four), 24.4 (two);
@@ -44,7 +46,7 @@ const ML_CAP: usize = 1024;
 ///   16384: 46.8 → 41.1 µs with 4 → 6, 40.4 with 8; h16:kv8:d128: 37.8 → 34.0), else 4: a
 ///   shorter chunk wastes more of its last step (Qwen3-8B's in-step attention at ctx 4096,
 ///   chunks of 512: 871 µs/token with 4, 905 with 6). At d256, 4 (6: 84.3 µs). The `_qk`
-///   variants take 2 in chunks under [`WIDE_FROM_CHUNK`]: 4 took Qwen3-0.6B's attention at ctx
+///   variants take 2 in chunks under [`QK_SHORT_CHUNK`]: 4 took Qwen3-0.6B's attention at ctx
 ///   512 from 437 to 758 µs/token.
 const HEADS_PER_BLOCK: usize = 2;
 const HEADS_PER_BLOCK_LARGE_DIMS: usize = 8;
@@ -54,7 +56,7 @@ const POSITIONS_PER_STEP_QK_SHORT: usize = 2;
 /// Chunks of at least this many positions take [`POSITIONS_PER_STEP_LONG`].
 const LONG_CHUNK: usize = 1024;
 /// Chunks below this many positions take [`POSITIONS_PER_STEP_QK_SHORT`] in the `_qk` variants.
-const WIDE_FROM_CHUNK: usize = 512;
+const QK_SHORT_CHUNK: usize = 512;
 /// Query-head × dim values one invocation holds in registers for q (and again for the
 /// accumulators): heads per block × 8 × runs per lane ≤ this (the shader's arrays).
 const MAX_LANE_VALUES: usize = 64;
@@ -288,7 +290,7 @@ impl AttentionParams {
         let positions_per_step = match (self.head_dim > 128, chunk >= LONG_CHUNK, &self.qk_norm_rope) {
             (true, _, _) => POSITIONS_PER_STEP,
             (false, true, _) => POSITIONS_PER_STEP_LONG,
-            (false, false, Some(_)) if chunk < WIDE_FROM_CHUNK => POSITIONS_PER_STEP_QK_SHORT,
+            (false, false, Some(_)) if chunk < QK_SHORT_CHUNK => POSITIONS_PER_STEP_QK_SHORT,
             (false, false, _) => POSITIONS_PER_STEP,
         };
         let blocks = self.head_blocks(device);
