@@ -545,13 +545,20 @@ void main() {
                 uint r = i / runs;
                 uint run = i - r * runs;
                 uint src = ((b * p.n_queries + (mid + r - first_new)) * p.n_kv_heads + kvh) * D + run * 8u;
+                // The run's 8 inputs as two 16-byte loads each (src is a multiple of 8).
+                uint w = src / 4u;
+                uvec4 k_lo = w < new_k4.length() ? new_k4[w] : uvec4(0u);
+                uvec4 k_hi = w + 1u < new_k4.length() ? new_k4[w + 1u] : uvec4(0u);
+                uvec4 v_lo = w < new_v4.length() ? new_v4[w] : uvec4(0u);
+                uvec4 v_hi = w + 1u < new_v4.length() ? new_v4[w + 1u] : uvec4(0u);
+                uint kr[8] = uint[8](k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w);
+                uint vr[8] = uint[8](v_lo.x, v_lo.y, v_lo.z, v_lo.w, v_hi.x, v_hi.y, v_hi.z, v_hi.w);
                 uint kb[8];
                 uint vb[8];
                 [[unroll]] for (uint u = 0; u < 8u; ++u) {
-                    uint e = src + u;
-                    uint kraw = qk_rope ? floatBitsToUint(knew_s[min(run * 8u + u, KNEW - 1u)]) : (e < new_k.length() ? new_k[e] : 0u);
+                    uint kraw = qk_rope ? floatBitsToUint(knew_s[min(run * 8u + u, KNEW - 1u)]) : kr[u];
                     kb[u] = kv_store(kraw, false);
-                    vb[u] = kv_store(e < new_v.length() ? new_v[e] : 0u, false);
+                    vb[u] = kv_store(vr[u], false);
                 }
                 uint at = (r * (MAX_D / 8u) + run) * WPR;
 #if defined(VARIANT_F32)
