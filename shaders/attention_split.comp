@@ -176,6 +176,8 @@ const uint NEW_ROWS = 2;   // the host's NEW_ROWS_IN_SHARED
 shared uvec4 knew_w[NEW_ROWS * (MAX_D / 8u) * WPR];
 shared uvec4 vnew_w[NEW_ROWS * (MAX_D / 8u) * WPR];
 uint new_from = 0xffffffffu;   // first row of the range taken from knew_w/vnew_w
+#else
+const uint new_from = 0xffffffffu;
 #endif
 
 #if defined(FUSED)
@@ -324,15 +326,9 @@ void fetch_new(uint base, uint lim, uint kv_base, uint lane, uint slot) {
 }
 #endif
 
-// Issues the loads of the step at base into k_next/v_next.
-void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+// Issues the cache loads of the step at base into k_next/v_next.
+void fetch_cache(uint base, uint lim, uint kv_base, uint lane, uint slot) {
     uint D = p.head_dim;
-#if defined(FUSED)
-    if (base + NP * SLOTS > new_from) {   // uniform: a step with new rows (the last)
-        fetch_new(base, lim, kv_base, lane, slot);
-        return;
-    }
-#endif
     [[unroll]] for (uint n = 0; n < NP; ++n) {
         uint off = kv_base + clamped_row(base, n, lim, slot) * p.stride_pos;
         [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
@@ -345,6 +341,17 @@ void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
             }
         }
     }
+}
+
+// Issues the loads of the step at base into k_next/v_next.
+void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+#if defined(FUSED)
+    if (base + NP * SLOTS > new_from) {   // uniform: a step with new rows (the last)
+        fetch_new(base, lim, kv_base, lane, slot);
+        return;
+    }
+#endif
+    fetch_cache(base, lim, kv_base, lane, slot);
 }
 
 const uint FROM_WORDS = 0u;    // k_cur/v_cur (VEC cache rows)
@@ -465,6 +472,13 @@ void main() {
     uint slot = gl_SubgroupID * (gl_SubgroupSize / LANES) + gl_SubgroupInvocationID / LANES;
 
     uint row0 = (b * p.n_queries + t) * p.n_q_heads + h0;   // output row of head r: row0 + r
+    // The first step's cache loads, issued before the sequence length arrives: they assume the
+    // chunk starts at its first position and clamp to its last row within the capacity rather than
+    // the last valid row (rows past the valid ones are masked in step()). Redone below where that
+    // guess is wrong (a window moves the start, or the step holds new rows).
+    uint kv_base = b * p.stride_seq + kvh * p.stride_head;
+    uint spec_begin = c * p.chunk;
+    if (VEC) fetch_cache(spec_begin, max(min(spec_begin + p.chunk, p.capacity), 1u), kv_base, lane, slot);
     if (qk_rope) {
         // Rows 0..nh − 1 of o_s: the block's query heads; row nh: the new K row of kv head kvh.
         // Raw values, then each row's Σx², then each pair normalised and rotated in place (pairs
@@ -534,7 +548,6 @@ void main() {
     }
 
     // Cache rows first, then (fused) the new tokens' rows from the inputs; both loops uniform.
-    uint kv_base = b * p.stride_seq + kvh * p.stride_head;
     uint mid = FUSED_MODE && MUTANT != M_FUSED_READS_CACHE ? min(max(first_new, begin), end) : end;
     if (VEC) {
 #if defined(FUSED)
@@ -576,7 +589,7 @@ void main() {
             mid = end;
         }
 #endif
-        if (begin < mid) fetch(begin, mid, kv_base, lane, slot);
+        if (begin < mid && (begin != spec_begin || begin + NP * SLOTS > new_from)) fetch(begin, mid, kv_base, lane, slot);
         for (uint base = begin; base < mid; base += SLOTS * NP) {
             [[unroll]] for (uint i = 0; i < NR; ++i) {
                 k_cur[i] = k_next[i];
