@@ -107,6 +107,7 @@ const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (f
 // Chunks the merge unrolls, ≥ the chunk count (the host's SplitLaunch::merge_unroll).
 layout(constant_id = 7) const uint MERGE_MAX = 4;
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
+const uint CHUNK_TILE = 64;        // chunks are whole multiples of this (the host's CHUNK_TILE)
 #if defined(QK_NORM_ROPE)
 const uint KNEW = MAX_D;
 #else
@@ -463,8 +464,13 @@ void main() {
     uint n_valid = pos < 0 ? 0u : uint(pos) + 1u;
     if (MUTANT == M_CAUSAL_OFF_BY_ONE) n_valid = min(n_valid + 1u, p.capacity);
     uint first = (p.window != 0u && n_valid > p.window) ? n_valid - p.window : 0u;
-    uint begin = max(c * p.chunk, first);
-    uint end = min(n_valid, c * p.chunk + p.chunk + (MUTANT == M_CHUNK_OVERLAP ? 1u : 0u));
+    // The visible range [first, n_valid) is shared evenly by the chunks, in whole tiles of
+    // CHUNK_TILE positions and at most p.chunk each (the host sizes p.chunk for a full cache), so
+    // a cache filled below its capacity still spreads over every chunk.
+    uint per = (n_valid - first + p.n_chunks - 1u) / p.n_chunks;
+    uint chunk = min(p.chunk, max((per + CHUNK_TILE - 1u) / CHUNK_TILE, 1u) * CHUNK_TILE);
+    uint begin = first + c * chunk;
+    uint end = min(n_valid, begin + chunk + (MUTANT == M_CHUNK_OVERLAP ? 1u : 0u));
     uint first_new = len >= p.n_queries ? len - p.n_queries : 0u;   // host checks len >= n_queries
 
     // Rows within a subgroup: lanes of one slot are LANES consecutive subgroup invocations.
@@ -617,7 +623,7 @@ void main() {
     // token, kv head) writes the token's K/V, the one whose chunk holds the token (so the mutant
     // that reads the slot instead of the input reads its own unwritten slot: poison,
     // deterministically).
-    uint own = min((first_new + t) / max(p.chunk, 1u), p.n_chunks - 1u);
+    uint own = min((first_new + t - min(first, first_new + t)) / max(chunk, 1u), p.n_chunks - 1u);
     if (c == own && blk == 0u && len >= p.n_queries) {
         uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
         uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;

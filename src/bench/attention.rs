@@ -42,8 +42,11 @@ pub struct DecodeShape {
     pub n_q_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Cache length (and capacity) per sequence.
+    /// Cache length per sequence.
     pub kv: usize,
+    /// Cache capacity per sequence (positions allocated, at least `kv`; the split-K chunks are
+    /// sized for it).
+    pub capacity: usize,
     pub dtype: Dtype,
     /// Sequences.
     pub batch: usize,
@@ -54,7 +57,17 @@ pub struct DecodeShape {
 impl DecodeShape {
     /// A batch-1, one-query shape.
     pub fn decode(source: &str, n_q_heads: usize, n_kv_heads: usize, head_dim: usize, kv: usize, dtype: Dtype) -> Self {
-        DecodeShape { source: source.to_string(), n_q_heads, n_kv_heads, head_dim, kv, dtype, batch: 1, n_queries: 1 }
+        DecodeShape {
+            source: source.to_string(),
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            kv,
+            capacity: kv,
+            dtype,
+            batch: 1,
+            n_queries: 1,
+        }
     }
 
     /// Bytes of K+V read once: 2 · Hkv · D · dtype size · kv · batch.
@@ -63,7 +76,7 @@ impl DecodeShape {
     }
 
     /// The shape in `--shape` syntax, e.g. `h32:kv8:d128:len4096:f16` (`:batch{B}` and `:q{N}`
-    /// only when not 1).
+    /// only when not 1, `:cap{C}` only when not the length).
     pub fn spec(&self) -> String {
         let mut s =
             format!("h{}:kv{}:d{}:len{}:{}", self.n_q_heads, self.n_kv_heads, self.head_dim, self.kv, self.dtype);
@@ -73,14 +86,18 @@ impl DecodeShape {
         if self.n_queries != 1 {
             s.push_str(&format!(":q{}", self.n_queries));
         }
+        if self.capacity != self.kv {
+            s.push_str(&format!(":cap{}", self.capacity));
+        }
         s
     }
 
-    /// Parses `h{H}:kv{Hkv}:d{D}:len{L}[:dtype][:batch{B}][:q{N}]` (fields in any order; `b{B}` for
-    /// `batch{B}`; the dtype is `f32`, `f16` or `bf16`, else `default_dtype`).
+    /// Parses `h{H}:kv{Hkv}:d{D}:len{L}[:dtype][:batch{B}][:q{N}][:cap{C}]` (fields in any order;
+    /// `b{B}` for `batch{B}`; the dtype is `f32`, `f16` or `bf16`, else `default_dtype`; the
+    /// capacity is at least the length, and the length by default).
     pub fn parse(spec: &str, default_dtype: Dtype) -> Result<DecodeShape, String> {
-        let mut fields: [Option<usize>; 6] = [None; 6]; // h, kv, d, len, batch, q
-        const NAMES: [&str; 6] = ["h", "kv", "d", "len", "batch", "q"];
+        let mut fields: [Option<usize>; 7] = [None; 7]; // h, kv, d, len, batch, q, cap
+        const NAMES: [&str; 7] = ["h", "kv", "d", "len", "batch", "q", "cap"];
         let mut dtype = None;
         for token in spec.split(':').map(str::trim) {
             if let Some(d) = Dtype::ALL.into_iter().find(|d| d.name() == token) {
@@ -90,15 +107,16 @@ impl DecodeShape {
                 continue;
             }
             // Longest prefixes first: `batch` before `b`, `kv` before `h`/`d`.
-            let (field, digits) = [("batch", 4), ("len", 3), ("kv", 1), ("b", 4), ("h", 0), ("d", 2), ("q", 5)]
-                .into_iter()
-                .find_map(|(prefix, field)| token.strip_prefix(prefix).map(|rest| (field, rest)))
-                .ok_or_else(|| {
-                    format!(
-                        "shape `{spec}`: cannot read `{token}`; expected h{{H}}:kv{{Hkv}}:d{{D}}:len{{L}} \
-                         with optional :f32|:f16|:bf16, :batch{{B}}, :q{{N}}"
-                    )
-                })?;
+            let (field, digits) =
+                [("batch", 4), ("len", 3), ("cap", 6), ("kv", 1), ("b", 4), ("h", 0), ("d", 2), ("q", 5)]
+                    .into_iter()
+                    .find_map(|(prefix, field)| token.strip_prefix(prefix).map(|rest| (field, rest)))
+                    .ok_or_else(|| {
+                        format!(
+                            "shape `{spec}`: cannot read `{token}`; expected h{{H}}:kv{{Hkv}}:d{{D}}:len{{L}} \
+                         with optional :f32|:f16|:bf16, :batch{{B}}, :q{{N}}, :cap{{C}}"
+                        )
+                    })?;
             let value: usize = digits.parse().ok().filter(|&v| v > 0).ok_or_else(|| {
                 format!("shape `{spec}`: `{token}` needs a positive integer after `{}`", NAMES[field])
             })?;
@@ -107,12 +125,18 @@ impl DecodeShape {
             }
         }
         let need = |i: usize| fields[i].ok_or_else(|| format!("shape `{spec}`: `{}{{N}}` is missing", NAMES[i]));
+        let kv = need(3)?;
+        let capacity = fields[6].unwrap_or(kv);
+        if capacity < kv {
+            return Err(format!("shape `{spec}`: the capacity (cap{capacity}) is below the length (len{kv})"));
+        }
         Ok(DecodeShape {
             source: "custom".to_string(),
             n_q_heads: need(0)?,
             n_kv_heads: need(1)?,
             head_dim: need(2)?,
-            kv: need(3)?,
+            kv,
+            capacity,
             dtype: dtype.unwrap_or(default_dtype),
             batch: fields[4].unwrap_or(1),
             n_queries: fields[5].unwrap_or(1),
@@ -121,7 +145,7 @@ impl DecodeShape {
 
     /// ggml's figure for this shape (ANCHORS.md), for f16, batch-1, one-query shapes in its table.
     pub fn ggml_anchor(&self) -> Option<&'static GgmlAnchor> {
-        if self.dtype != Dtype::F16 || self.batch != 1 || self.n_queries != 1 {
+        if self.dtype != Dtype::F16 || self.batch != 1 || self.n_queries != 1 || self.capacity != self.kv {
             return None;
         }
         ggml_anchor(self.n_q_heads, self.n_kv_heads, self.head_dim, self.kv)
@@ -254,7 +278,7 @@ pub fn rotation_copies(set_bytes: u64, llc_bytes: u64) -> usize {
 
 /// The kernel parameters for `shape` under `config` (fused mode for [`Mode::Fused`]).
 pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) -> AttentionParams {
-    let (b, hkv, kv, d) = (shape.batch, shape.n_kv_heads, shape.kv, shape.head_dim);
+    let (b, hkv, kv, d) = (shape.batch, shape.n_kv_heads, shape.capacity, shape.head_dim);
     let layout = match config.layout {
         LayoutKind::HeadMajor => CacheLayout::head_major(b, hkv, kv, d, 0),
         LayoutKind::TokenMajor => CacheLayout::token_major(b, hkv, kv, d, 0),
@@ -426,6 +450,9 @@ mod tests {
         assert_eq!(t.dtype, Dtype::Bf16);
         assert_eq!(t.spec(), "h4:kv2:d64:len100:bf16:batch3:q2");
         assert_eq!(DecodeShape::parse(&t.spec(), Dtype::F32).unwrap(), t);
+        let c = DecodeShape::parse("h8:kv8:d128:len1000:cap4096", Dtype::F16).unwrap();
+        assert_eq!((c.kv, c.capacity, c.spec()), (1000, 4096, "h8:kv8:d128:len1000:f16:cap4096".to_string()));
+        assert!(DecodeShape::parse("h8:kv8:d128:len1000:cap999", Dtype::F16).unwrap_err().contains("cap999"));
     }
 
     #[test]

@@ -75,8 +75,8 @@ enum LayoutArg {
 #[derive(Args)]
 pub struct AttentionArgs {
     /// Time this shape instead of the default set (repeatable):
-    /// h{H}:kv{Hkv}:d{D}:len{L}[:f32|:f16|:bf16][:batch{B}][:q{N}], fields in any order; q{N} is
-    /// the query (new) tokens per sequence
+    /// h{H}:kv{Hkv}:d{D}:len{L}[:f32|:f16|:bf16][:batch{B}][:q{N}][:cap{C}], fields in any order;
+    /// q{N} is the query (new) tokens per sequence, cap{C} the cache capacity (default: the length)
     #[arg(long = "shape", value_name = "SPEC", value_parser = check_shape)]
     shapes: Vec<String>,
     /// K/V dtype of the default shapes and of --shape specs without one
@@ -519,6 +519,7 @@ fn row_json(m: &AttentionMeasurement, copy_gbps: f64) -> Value {
         "n_kv_heads": s.n_kv_heads,
         "head_dim": s.head_dim,
         "kv": s.kv,
+        "capacity": s.capacity,
         "dtype": s.dtype,
         "batch": s.batch,
         "n_queries": s.n_queries,
