@@ -278,10 +278,10 @@ pub fn rotation_copies(set_bytes: u64, llc_bytes: u64) -> usize {
 
 /// The kernel parameters for `shape` under `config` (fused mode for [`Mode::Fused`]).
 pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) -> AttentionParams {
-    let (b, hkv, kv, d) = (shape.batch, shape.n_kv_heads, shape.capacity, shape.head_dim);
+    let (b, hkv, capacity, d) = (shape.batch, shape.n_kv_heads, shape.capacity, shape.head_dim);
     let layout = match config.layout {
-        LayoutKind::HeadMajor => CacheLayout::head_major(b, hkv, kv, d, 0),
-        LayoutKind::TokenMajor => CacheLayout::token_major(b, hkv, kv, d, 0),
+        LayoutKind::HeadMajor => CacheLayout::head_major(b, hkv, capacity, d, 0),
+        LayoutKind::TokenMajor => CacheLayout::token_major(b, hkv, capacity, d, 0),
     };
     AttentionParams {
         n_seqs: b,

@@ -213,8 +213,12 @@ impl AttentionUploads {
         }
     }
 
-    fn output(&self) -> Result<Vec<f32>, RunError> {
-        Ok(self.out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect())
+    /// What a submitted call left: the output, the merge counters and (`caches`) both caches.
+    fn result(&self, caches: bool) -> Result<AttentionGpu, RunError> {
+        let out =
+            self.out.read()?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect();
+        let caches_after = if caches { Some((self.k.read()?, self.v.read()?)) } else { None };
+        Ok(AttentionGpu { out, caches_after, counters_after: self.counters.read()? })
     }
 }
 
@@ -232,8 +236,7 @@ pub fn run_attention_gpu(
     let mut rec = Recorder::new(ctx)?;
     attention::record(&mut rec, ctx, &p, dev.buffers(p.fused), mutant)?;
     rec.submit()?;
-    let caches_after = if p.fused { Some((dev.k.read()?, dev.v.read()?)) } else { None };
-    Ok(AttentionGpu { out: dev.output()?, caches_after, counters_after: dev.counters.read()? })
+    dev.result(p.fused)
 }
 
 /// The unfused way to do a fused case's work: the append kernel writes the new tokens, a
@@ -265,11 +268,7 @@ pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> R
     rec.barrier(); // the attention below reads what the append wrote
     attention::record(&mut rec, ctx, &p, dev.buffers(false), None)?;
     rec.submit()?;
-    Ok(AttentionGpu {
-        out: dev.output()?,
-        caches_after: Some((dev.k.read()?, dev.v.read()?)),
-        counters_after: dev.counters.read()?,
-    })
+    dev.result(true)
 }
 
 /// Fused calls: both caches must equal the expected bytes exactly (the new slots written, every
