@@ -1,33 +1,41 @@
 #version 450
-// Greedy sampling on the GPU, in two dispatches. Pass 0 (one workgroup per BLOCK logits) writes
-// each block's best (value, index); pass 1 (one workgroup) reduces those, then advances the
-// decode state for the next step: state = [seq_len, token, prompt_len, sampled]. The next input
-// token is the next prompt token while the prompt lasts, else the sampled one, which is also
-// written to `ids` (the prompt buffer, which so becomes the input id of every position: the host
-// reads the sampled ids there, several steps at a time). The order is
-// torch.argmax's: the largest value, the lowest index among equals, NaN never wins (all NaN: 0).
-// Bindings and push constants mirror src/engine/kernels.rs.
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_EXT_control_flow_attributes : require
+// Greedy sampling on the GPU in one dispatch. Each workgroup finds the best (value, index) of its
+// BLOCK logits and publishes it; the last workgroup to finish (counted on a device-scope counter,
+// as attention_split.comp's merge) reduces those and advances the decode state for the next
+// step: state = [seq_len, token, prompt_len, sampled]. The next input token is the next prompt
+// token while the prompt lasts, else the sampled one, which is also written to `ids` (the prompt
+// buffer, which so becomes the input id of every position: the host reads the sampled ids there,
+// several steps at a time). The order: the largest value, the lowest index among equals (as
+// torch.argmax over finite values); NaN never wins (torch's would), all NaN gives 0. (Two dispatches with a barrier between, and
+// shared-memory trees: 17 µs a token on the H100.) Bindings and push constants mirror
+// src/kernels/layers.rs argmax_advance.
 
 const uint WG = 256;
-const uint PER_THREAD = 16;
-const uint BLOCK = WG * PER_THREAD;
+const uint PER_THREAD = 4;
+const uint BLOCK = WG * PER_THREAD;   // the host's ARGMAX_BLOCK
 const uint NONE = 0xffffffffu;
 
 layout(local_size_x = 256) in;
 
 layout(set = 0, binding = 0) readonly buffer Logits { float logits[]; };
-layout(set = 0, binding = 1) buffer Partial { uvec2 partial[]; };   // (value bits, index)
+// [blocks] (value bits, index) per workgroup, then the count of finished workgroups (word
+// 2·blocks; zero between calls: the last workgroup resets it).
+layout(set = 0, binding = 1) coherent buffer Partial { uvec2 partial[]; };
+layout(set = 0, binding = 1) coherent buffer PartialWords { uint partial_words[]; };
 layout(set = 0, binding = 2) buffer State { uint state[]; };
 layout(set = 0, binding = 3) buffer Ids { uint ids[]; };   // [capacity]: prompt, then sampled ids
 
 layout(push_constant) uniform Push {
-    uint n;        // logits (pass 0) or blocks (pass 1)
-    uint pass_id;
+    uint n;        // logits
     uint capacity; // ids entries
 };
 
-shared float best_v[WG];
-shared uint best_i[WG];
+shared float group_v[WG];   // per subgroup
+shared uint group_i[WG];
+shared bool last_s;
 
 // Whether candidate (v, i) beats (bv, bi).
 bool better(float v, uint i, float bv, uint bi) {
@@ -38,43 +46,76 @@ bool better(float v, uint i, float bv, uint bi) {
     return v > bv || (v == bv && i < bi);
 }
 
+// The workgroup's best of every invocation's (bv, bi), in invocation 0: a shuffle butterfly in
+// each subgroup (a strict order, so every lane ends with the same pair), then the subgroups'.
+void reduce(inout float bv, inout uint bi) {
+    for (uint o = gl_SubgroupSize / 2u; o > 0u; o /= 2u) {
+        float v = subgroupShuffleXor(bv, o);
+        uint i = subgroupShuffleXor(bi, o);
+        if (better(v, i, bv, bi)) {
+            bv = v;
+            bi = i;
+        }
+    }
+    if (gl_SubgroupInvocationID == 0u) {
+        group_v[gl_SubgroupID] = bv;
+        group_i[gl_SubgroupID] = bi;
+    }
+    barrier();
+    if (gl_LocalInvocationID.x == 0u) {
+        for (uint s = 1u; s < gl_NumSubgroups; s++) {
+            if (better(group_v[s], group_i[s], bv, bi)) {
+                bv = group_v[s];
+                bi = group_i[s];
+            }
+        }
+    }
+}
+
 void main() {
     uint tid = gl_LocalInvocationID.x;
+    uint blocks = (n + BLOCK - 1u) / BLOCK;
+    uint counter = 2u * blocks;
+    if (counter >= partial_words.length()) return;   // the host sizes it; never taken
     float bv = 0.0;
     uint bi = NONE;
-    if (pass_id == 0u) {
-        uint start = gl_WorkGroupID.x * BLOCK;
-        for (uint j = 0; j < PER_THREAD; j++) {
-            uint i = start + j * WG + tid;
-            if (i < n && better(logits[i], i, bv, bi)) { bv = logits[i]; bi = i; }
-        }
-    } else {
-        for (uint j = tid; j < n; j += WG) {
-            float v = uintBitsToFloat(partial[j].x);
-            uint i = partial[j].y;
-            if (better(v, i, bv, bi)) { bv = v; bi = i; }
+    uint start = gl_WorkGroupID.x * BLOCK;
+    [[unroll]] for (uint j = 0; j < PER_THREAD; j++) {
+        uint i = start + j * WG + tid;
+        float v = i < n ? logits[i] : 0.0;
+        if (i < n && better(v, i, bv, bi)) {
+            bv = v;
+            bi = i;
         }
     }
-    best_v[tid] = bv;
-    best_i[tid] = bi;
+    reduce(bv, bi);
+    if (tid == 0u) partial[gl_WorkGroupID.x] = uvec2(floatBitsToUint(bv), bi);
+    memoryBarrierBuffer();
     barrier();
-    for (uint s = WG / 2u; s > 0u; s >>= 1) {
-        if (tid < s && better(best_v[tid + s], best_i[tid + s], best_v[tid], best_i[tid])) {
-            best_v[tid] = best_v[tid + s];
-            best_i[tid] = best_i[tid + s];
-        }
-        barrier();
-    }
-    if (tid != 0u) return;
-    if (pass_id == 0u) {
-        partial[gl_WorkGroupID.x] = uvec2(floatBitsToUint(best_v[0]), best_i[0]);
-        return;
-    }
-    uint sampled = best_i[0] == NONE ? 0u : best_i[0];
+    if (tid == 0u) last_s = atomicAdd(partial_words[counter], 1u) + 1u == blocks;
+    barrier();
+    if (!last_s) return;   // uniform
+    memoryBarrierBuffer();
+    // The state and the next prompt id are loaded before the partials are reduced, so their
+    // latency overlaps that (only this workgroup touches them in the dispatch).
     uint next = state[0];                    // position of the next step's token
     uint prompt_len = min(state[2], capacity);
+    uint prompt_id = tid == 0u && next < prompt_len ? ids[next] : 0u;
+    bv = 0.0;
+    bi = NONE;
+    for (uint j = tid; j < blocks; j += WG) {
+        uvec2 e = partial[j];
+        if (better(uintBitsToFloat(e.x), e.y, bv, bi)) {
+            bv = uintBitsToFloat(e.x);
+            bi = e.y;
+        }
+    }
+    reduce(bv, bi);
+    if (tid != 0u) return;
+    partial_words[counter] = 0u;
+    uint sampled = bi == NONE ? 0u : bi;
     uint token = sampled;
-    if (next < prompt_len) token = ids[next];
+    if (next < prompt_len) token = prompt_id;
     else if (next < capacity) ids[next] = sampled;
     state[1] = token;
     state[3] = sampled;

@@ -23,6 +23,16 @@
 
 layout(local_size_x_id = 1) in;
 layout(constant_id = 1) const uint WG = 256;   // a power of two in 32..=256, picked by the host
+// BATCHED: the vector path with its shape fixed at pipeline creation (ROWS_DOT_VEC), picked by
+// the host for the LM head: rows per workgroup (= rows_per_wg), weight matrices per row block (2
+// with SWIGLU), and the chunk columns an invocation covers, as BATCHES batches of PER_BATCH
+// whose loads are issued together (ROWS·MATS·PER_BATCH <= MAX_LOADS).
+layout(constant_id = 2) const uint ROWS = 1;
+layout(constant_id = 3) const uint MATS = 1;
+layout(constant_id = 4) const uint PER_BATCH = 1;
+layout(constant_id = 5) const uint BATCHES = 1;
+layout(constant_id = 6) const bool BATCHED = false;
+const uint MAX_LOADS = 16;
 
 // Engine mutants (src/kernels/layers.rs LayerMutant): 0 none.
 layout(constant_id = 0) const uint MUTANT = 0;
@@ -167,6 +177,38 @@ float load_x1(uint c, bool norm, bool count) {
         }                                                                                   \
     }
 
+// The vector path, into acc[0..] (and acc[MAX_ROWS..] for the second matrix WB when MATS = 2):
+// each invocation issues all the weight loads of a batch of PER_BATCH chunk columns × ROWS rows
+// × MATS matrices before it multiplies any of them, so it waits for memory once a batch rather
+// than once a loop iteration. Indices past the rows or the chunks are clamped (their loads issue
+// with the others) and their products dropped. Fully unrolled, this is large code: it pays off
+// for the LM head, not for the layers' short projections (src/kernels/layers.rs
+// MATVEC_LARGE_ROWS).
+#define ROWS_DOT_VEC(WA, WB)                                                                \
+    for (uint b = 0u; b < BATCHES; b++) {                                                   \
+        uvec4 w[MAX_LOADS];                                                                 \
+        [[unroll]] for (uint i = 0u; i < PER_BATCH; i++) {                                  \
+            uint c = min((b * PER_BATCH + i) * WG + tid, chunks - 1u);                      \
+            [[unroll]] for (uint r = 0u; r < ROWS; r++) {                                   \
+                uint at = min(row0 + r, rows - 1u) * chunks + c;                            \
+                w[(i * ROWS + r) * MATS] = WA[at];                                          \
+                if (MATS == 2u) w[(i * ROWS + r) * MATS + 1u] = WB[at];                     \
+            }                                                                               \
+        }                                                                                   \
+        [[unroll]] for (uint i = 0u; i < PER_BATCH; i++) {                                  \
+            uint c = (b * PER_BATCH + i) * WG + tid;                                        \
+            if (c < chunks) {                                                               \
+                vec4 xa, xb;                                                                \
+                load_x(c, xa, xb, norm, true);                                              \
+                [[unroll]] for (uint r = 0u; r < ROWS; r++) {                               \
+                    [[unroll]] for (uint m = 0u; m < MATS; m++) {                           \
+                        acc[m * MAX_ROWS + r] += dot_chunk(w[(i * ROWS + r) * MATS + m], xa, xb); \
+                    }                                                                       \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+
 void main() {
     uint wg = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     bool swiglu = (flags & FLAG_SWIGLU) != 0u;
@@ -197,7 +239,15 @@ void main() {
     }
 
     [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) acc[r] = 0.0;
-    if (m == 0u) {
+    if (BATCHED && vec) {
+        if (m == 0u) {
+            ROWS_DOT_VEC(w0v, w1v)   // with SWIGLU, MATS = 2: gate and up
+        } else if (m == 1u) {
+            ROWS_DOT_VEC(w1v, w1v)
+        } else {
+            ROWS_DOT_VEC(w2v, w2v)
+        }
+    } else if (m == 0u) {
         ROWS_DOT(w0v, w0, 0, true)
         if (swiglu) {
             ROWS_DOT(w1v, w1, MAX_ROWS, false)   // x² was summed in the gate pass

@@ -410,12 +410,7 @@ impl Scratch {
             attn: f32_buffer("attn", hq * d)?,
             act: f32_buffer("act", c.intermediate_size)?,
             logits: Buffer::new(ctx, "logits", 4 * c.vocab_size as u64, logits_location)?,
-            argmax_partial: Buffer::new(
-                ctx,
-                "argmax.partial",
-                layers::argmax_partial_bytes(c.vocab_size),
-                Location::Device,
-            )?,
+            argmax_partial: layers::zeroed_argmax_partial(ctx, c.vocab_size)?,
             partial_o: Buffer::new(
                 ctx,
                 "attention.partial_o",

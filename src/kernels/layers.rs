@@ -5,7 +5,9 @@
 //! function checks its shapes against the buffers it is given before recording, so a wrong size
 //! is a [`ParamError`] naming the operand, never an out-of-bounds access on the GPU.
 
-use crate::gpu::{Buffer, Context, PipelineDesc, Recorder, Shader};
+use std::sync::Arc;
+
+use crate::gpu::{Buffer, Context, Location, PipelineDesc, Recorder, Shader};
 use crate::shaders;
 
 use super::{Dtype, KernelError, ParamError, grid_2d, invalid, words};
@@ -16,6 +18,8 @@ const WG: u64 = 256;
 const MATVEC_WG: u64 = 128;
 /// The largest `rows_per_wg` the matvec shader takes.
 const MATVEC_MAX_ROWS: u64 = 8;
+/// Most weight loads a matvec invocation issues together (matvec.comp MAX_LOADS).
+const MATVEC_BATCH_LOADS: u64 = 16;
 /// Weight loads per matvec invocation the row count aims at.
 const MATVEC_LOADS: u64 = 4;
 /// Workgroups a plain matvec keeps while it adds rows for x reuse.
@@ -23,10 +27,14 @@ const MATVEC_MIN_GROUPS: u64 = 1024;
 /// Matrices of at least this many rows (the vocabulary: the LM head) take [`MATVEC_MAX_ROWS`]
 /// rows per workgroup: fewer, longer workgroups. H100, the LM head inside the decode step:
 /// Qwen3-8B 468 → 434 µs/token (97% of the copy bandwidth), 0.6B 134 → 125 (16 loads an
-/// invocation: 439 and 125; 8: 459 and 125).
+/// invocation: 439 and 125; 8: 459 and 125). They also take the batched path (every load of a
+/// batch issued before the products): 8B 434 → 411 µs/token, 0.6B 126 → 112. The same path for
+/// the layers' projections made Qwen3-0.6B's step 1364 → 1614 µs/token, every stage slower (the
+/// attention's too): its fully unrolled code is fetched cold at every dispatch, as the weights
+/// stream through L2 between the layers' uses of it.
 const MATVEC_LARGE_ROWS: usize = 32768;
-/// Logits per workgroup of the argmax's first pass (argmax.comp BLOCK).
-pub const ARGMAX_BLOCK: usize = 4096;
+/// Logits per argmax workgroup (argmax.comp BLOCK).
+pub const ARGMAX_BLOCK: usize = 1024;
 /// Words of the decode state buffer: `[seq_len, token, prompt_len, sampled]`.
 pub const STATE_WORDS: usize = 4;
 
@@ -100,6 +108,17 @@ fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, plai
     (wg, rows.max(reuse))
 }
 
+/// (chunk columns per batch, batches) of an invocation of the vector path: each invocation
+/// covers `ceil(chunks / wg)` chunk columns of each of its `loads_per_column` rows, and issues the
+/// loads of a whole batch together, at most [`MATVEC_BATCH_LOADS`] (matvec.comp MAX_LOADS).
+fn load_batches(cols: usize, dtype: Dtype, wg: u64, loads_per_column: u64) -> (u64, u64) {
+    let chunks = (cols * dtype.size()).div_ceil(16).max(1) as u64;
+    let columns = chunks.div_ceil(wg);
+    let most = (MATVEC_BATCH_LOADS / loads_per_column).max(1);
+    let batches = columns.div_ceil(most);
+    (columns.div_ceil(batches), batches)
+}
+
 /// One matvec dispatch: `y_i = W_i·x` for up to three matrices sharing x (same columns and
 /// element type), with the fusions of matvec.comp.
 pub struct MatvecCall<'a> {
@@ -122,6 +141,18 @@ pub fn matvec<'a>(
     ctx: &Context,
     call: &MatvecCall<'a>,
     label: &str,
+) -> Result<(), KernelError> {
+    record_matvec(rec, ctx, call, label, false)
+}
+
+/// [`matvec`], with the batched path (matvec.comp BATCHED) for every matrix when
+/// `force_batched` (the tests: each path must give the same products).
+fn record_matvec<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    call: &MatvecCall<'a>,
+    label: &str,
+    force_batched: bool,
 ) -> Result<(), KernelError> {
     let Some(&(first, _)) = call.outputs.first() else {
         return Err(invalid("outputs", "a matvec needs at least one matrix").into());
@@ -164,8 +195,22 @@ pub fn matvec<'a>(
     let plain = (call.norm.is_none() && !call.swiglu).then_some(rows);
     let (wg, rows_per_wg) = matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, plain);
     let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
-    let spec = [spec_mutant(call.mutant)[0], (1, wg as u32)];
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec: &spec })?;
+    let mats = if call.swiglu { 2 } else { 1 };
+    let (per_batch, batches) = load_batches(cols, dtype, wg, rows_per_wg * mats);
+    // The LM head only: the batched path's unrolled code, cold in the instruction cache at every
+    // dispatch, made each of the shorter projections slower (see MATVEC_LARGE_ROWS).
+    let batched = force_batched || rows >= MATVEC_LARGE_ROWS;
+    let spec = [
+        spec_mutant(call.mutant)[0],
+        (1, wg as u32),
+        (2, rows_per_wg as u32),
+        (3, mats as u32),
+        (4, per_batch as u32),
+        (5, batches as u32),
+        (6, 1),
+    ];
+    let spec = if batched { &spec[..] } else { &spec[..2] };
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec })?;
     let flags = u32::from(call.accumulate)
         | (u32::from(vec) << 1)
         | (u32::from(call.norm.is_some()) << 2)
@@ -247,14 +292,22 @@ pub fn widen<'a>(
     embed(rec, ctx, zero_state, Matrix { buffer: v.buffer, dtype: v.dtype, rows: 1, cols: v.len }, out)
 }
 
-/// Bytes of the argmax's partial buffer for `n` logits.
+/// Bytes of the argmax's partial buffer for `n` logits: a (value, index) pair per workgroup,
+/// then the workgroup counter.
 pub fn argmax_partial_bytes(n: usize) -> u64 {
-    (n.div_ceil(ARGMAX_BLOCK) * 8) as u64
+    ((n.div_ceil(ARGMAX_BLOCK) + 1) * 8) as u64
 }
 
-/// Greedy sampling of `n` f32 logits and the state update for the next step: two dispatches with
-/// a barrier between. `ids` holds `capacity` u32 token ids: the prompt at its positions, and the
-/// kernel writes each sampled id at the position it is fed at.
+/// The argmax's partial buffer for `n` logits, zeroed (its counter must be zero between calls;
+/// each call leaves it so).
+pub fn zeroed_argmax_partial(ctx: &Arc<Context>, n: usize) -> Result<Buffer, crate::gpu::GpuError> {
+    Buffer::with_bytes(ctx, "argmax.partial", &vec![0; argmax_partial_bytes(n) as usize], Location::Upload)
+}
+
+/// Greedy sampling of `n` f32 logits and the state update for the next step, in one dispatch
+/// (the last workgroup to finish reduces the others' bests). `partial` comes from
+/// [`zeroed_argmax_partial`]. `ids` holds `capacity` u32 token ids: the prompt at its positions,
+/// and the kernel writes each sampled id at the position it is fed at.
 #[allow(clippy::too_many_arguments)]
 pub fn argmax_advance<'a>(
     rec: &mut Recorder<'a>,
@@ -276,17 +329,14 @@ pub fn argmax_advance<'a>(
     check_size("state", state, STATE_WORDS, 4)?;
     check_size("ids", ids, capacity, 4)?;
     let pipeline =
-        ctx.pipeline(&PipelineDesc { shader: &shaders::ARGMAX, bindings: 4, push_constant_bytes: 12, spec: &[] })?;
+        ctx.pipeline(&PipelineDesc { shader: &shaders::ARGMAX, bindings: 4, push_constant_bytes: 8, spec: &[] })?;
     let blocks = n.div_ceil(ARGMAX_BLOCK);
     if blocks as u64 > u64::from(ctx.info().max_workgroup_count[0]) {
         return Err(invalid("logits", format!("{n} logits need more workgroups than the device has")).into());
     }
     let buffers = [logits, partial, state, ids];
-    let push = words(&[n as u32, 0, capacity as u32]);
-    rec.dispatch(&pipeline, &buffers, &push, [blocks as u32, 1, 1], "argmax.blocks")?;
-    rec.barrier();
-    let push = words(&[blocks as u32, 1, capacity as u32]);
-    rec.dispatch(&pipeline, &buffers, &push, [1, 1, 1], "argmax.final")?;
+    let push = words(&[n as u32, capacity as u32]);
+    rec.dispatch(&pipeline, &buffers, &push, [blocks as u32, 1, 1], "argmax")?;
     Ok(())
 }
 
@@ -338,7 +388,8 @@ mod tests {
     //! The matvec against an f64 computation on the same (already rounded) inputs, in every path
     //! of matvec.comp: one long row per workgroup (four chunks per iteration, plus the tail),
     //! several rows, three matrices in one dispatch, scalar loads for rows that are not 16-byte
-    //! aligned, fused RMSNorm, SwiGLU, accumulation.
+    //! aligned, fused RMSNorm, SwiGLU, accumulation; and each case again through the batched
+    //! path (the LM head's), which must give the same products in any shape.
     //!
     //! Bound: an f32 sum of n products, in any order, is within γ = (n + 4)·u of the exact sum of
     //! |terms| (n additions, the product and the norm-weight product); the fused norm's factor r
@@ -347,7 +398,7 @@ mod tests {
 
     use super::*;
     use crate::cases::rng::Rng;
-    use crate::gpu::Location;
+    use crate::cases::run::f32_bytes;
     use crate::reference::dtype::{decode, encode};
 
     const U: f64 = f32::EPSILON as f64 / 2.0;
@@ -371,7 +422,7 @@ mod tests {
         accumulate: bool,
     }
 
-    fn check(dtype: Dtype, case: &Case, seed: u64) {
+    fn check(dtype: Dtype, case: &Case, seed: u64, batched: bool) {
         let ctx = Context::shared().expect("a Vulkan device");
         let mut rng = Rng::new(seed);
         let cols = case.cols;
@@ -405,7 +456,7 @@ mod tests {
                 swiglu: case.swiglu,
                 mutant: None,
             };
-            matvec(&mut rec, &ctx, &call, "test").expect("record");
+            record_matvec(&mut rec, &ctx, &call, "test", batched).expect("record");
             rec.submit().expect("submit");
         }
 
@@ -446,7 +497,7 @@ mod tests {
                 let err = (f64::from(g) - want).abs();
                 assert!(
                     err <= bound,
-                    "{dtype} rows {:?} cols {cols} (norm {}, swiglu {}, acc {}): matrix {m} row {row}: got {g}, want {want}, error {err:.3e} > bound {bound:.3e}",
+                    "{dtype} rows {:?} cols {cols} (norm {}, swiglu {}, acc {}, batched {batched}): matrix {m} row {row}: got {g}, want {want}, error {err:.3e} > bound {bound:.3e}",
                     case.rows,
                     case.norm,
                     case.swiglu,
@@ -469,15 +520,100 @@ mod tests {
             Case { rows: vec![6, 2], cols: 1002, norm: true, swiglu: false, accumulate: false },
             // Gate/up + SwiGLU with the norm.
             Case { rows: vec![9, 9], cols: 4096, norm: true, swiglu: true, accumulate: false },
+            // Long gate/up rows: batched, the loads come in several batches, the last one partly
+            // past the row (bf16: 13 chunk columns an invocation in 2 batches of 7).
+            Case { rows: vec![3, 3], cols: 12296, norm: true, swiglu: true, accumulate: false },
             // An LM head's row count (MATVEC_LARGE_ROWS and over): eight rows a workgroup, the
             // last block partial.
             Case { rows: vec![MATVEC_LARGE_ROWS + 5], cols: 64, norm: true, swiglu: false, accumulate: false },
         ];
         for (i, case) in cases.iter().enumerate() {
             for dtype in Dtype::ALL {
-                check(dtype, case, 100 + i as u64);
+                for batched in [false, true] {
+                    check(dtype, case, 100 + i as u64, batched);
+                }
             }
         }
+    }
+
+    /// torch.argmax's order over the non-NaN values (NaN never wins; all NaN: 0).
+    fn argmax_reference(v: &[f32]) -> u32 {
+        let mut best: Option<(f32, usize)> = None;
+        for (i, &x) in v.iter().enumerate() {
+            if !x.is_nan() && best.is_none_or(|(b, _)| x > b) {
+                best = Some((x, i));
+            }
+        }
+        best.map_or(0, |(_, i)| i as u32)
+    }
+
+    #[test]
+    fn argmax_picks_torch_order_and_advances_the_state() {
+        let ctx = Context::shared().expect("a Vulkan device");
+        let n = 3 * ARGMAX_BLOCK + 77; // the last workgroup's block partly filled
+        let mut rng = Rng::new(7);
+        let base: Vec<f32> = (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect();
+        let with = |sets: &[(usize, f32)]| {
+            let mut v = base.clone();
+            for &(i, x) in sets {
+                v[i] = x;
+            }
+            v
+        };
+        let cases: Vec<(&str, Vec<f32>)> = vec![
+            ("max in the partial last block", with(&[(n - 5, 3.0)])),
+            (
+                "ties across blocks: the lowest index",
+                with(&[(2 * ARGMAX_BLOCK + 1, 5.0), (ARGMAX_BLOCK + 9, 5.0), (n - 1, 5.0)]),
+            ),
+            ("NaN never wins", with(&[(3, f32::NAN), (2 * ARGMAX_BLOCK, 4.0), (2 * ARGMAX_BLOCK + 1, f32::NAN)])),
+            ("-0 equals +0: the lowest index", {
+                let mut v: Vec<f32> = base.iter().map(|x| -x.abs() - 0.5).collect();
+                (v[900], v[40]) = (0.0, -0.0);
+                v
+            }),
+            ("all NaN: 0", vec![f32::NAN; n]),
+            ("all -inf: 0", vec![f32::NEG_INFINITY; n]),
+        ];
+        // Prompt of 5 ids in a capacity of 8; even cases are inside the prompt (the next id is the
+        // prompt's), odd ones past it (the sampled id is fed and written to ids).
+        let capacity = 8;
+        let prompt: Vec<u32> = vec![10, 11, 12, 13, 14, 0, 0, 0];
+        let u32_bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let partial = zeroed_argmax_partial(&ctx, n).expect("partial");
+        let mut buffers = Vec::new();
+        for (i, (_, v)) in cases.iter().enumerate() {
+            let next = if i % 2 == 0 { 2 } else { 6 };
+            let logits = Buffer::with_bytes(&ctx, "logits", &f32_bytes(v), Location::Upload).expect("buffer");
+            let state =
+                Buffer::with_bytes(&ctx, "state", &u32_bytes(&[next, 99, 5, 99]), Location::Readback).expect("buffer");
+            let ids = Buffer::with_bytes(&ctx, "ids", &u32_bytes(&prompt), Location::Readback).expect("buffer");
+            buffers.push((next, logits, state, ids));
+        }
+        {
+            // One partial buffer for every call: each must leave its counter at zero.
+            let mut rec = Recorder::new(&ctx).expect("recorder");
+            for (_, logits, state, ids) in &buffers {
+                argmax_advance(&mut rec, &ctx, logits, n, &partial, state, ids, capacity).expect("record");
+                rec.barrier();
+            }
+            rec.submit().expect("submit");
+        }
+        let words = |b: &Buffer| -> Vec<u32> {
+            b.read().expect("read").chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect()
+        };
+        for ((name, v), (next, _, state, ids)) in cases.iter().zip(&buffers) {
+            let want = argmax_reference(v);
+            let (next, got_state, got_ids) = (*next, words(state), words(ids));
+            let mut want_ids = prompt.clone();
+            let token = if next < 5 { prompt[next as usize] } else { want };
+            if next >= 5 {
+                want_ids[next as usize] = want;
+            }
+            assert_eq!(got_state, vec![next + 1, token, 5, want], "{name}: state");
+            assert_eq!(got_ids, want_ids, "{name}: ids");
+        }
+        assert!(ctx.take_validation_messages().is_empty(), "validation messages");
     }
 
     #[test]
