@@ -30,8 +30,8 @@ const MATVEC_MIN_GROUPS: u64 = 1024;
 /// invocation: 439 and 125; 8: 459 and 125). They also take the batched path (every load of a
 /// batch issued before the products): 8B 434 → 411 µs/token, 0.6B 126 → 112. The same path for
 /// the layers' projections made Qwen3-0.6B's step 1364 → 1614 µs/token, every stage slower (the
-/// attention's too): its fully unrolled code is fetched cold at every dispatch, as the weights
-/// stream through L2 between the layers' uses of it.
+/// attention's too), likely as its fully unrolled code is fetched cold at every dispatch (the
+/// weights stream through L2 between the layers' uses of it).
 const MATVEC_LARGE_ROWS: usize = 32768;
 /// Logits per argmax workgroup (argmax.comp BLOCK).
 pub const ARGMAX_BLOCK: usize = 1024;
@@ -197,8 +197,8 @@ fn record_matvec<'a>(
     let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
     let mats = if call.swiglu { 2 } else { 1 };
     let (per_batch, batches) = load_batches(cols, dtype, wg, rows_per_wg * mats);
-    // The LM head only: the batched path's unrolled code, cold in the instruction cache at every
-    // dispatch, made each of the shorter projections slower (see MATVEC_LARGE_ROWS).
+    // The LM head only: the batched path made each of the shorter projections slower (see
+    // MATVEC_LARGE_ROWS).
     let batched = force_batched || rows >= MATVEC_LARGE_ROWS;
     let spec = [
         spec_mutant(call.mutant)[0],
