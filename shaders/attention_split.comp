@@ -562,7 +562,7 @@ void main() {
             // One 32-bit word of the packed rows per invocation (K words, then V words), so the
             // conversion code, run once and cold in the instruction cache, is one or two
             // elements long rather than eight. H100, fused − attention alone, h32:kv8:d128 at kv
-            // 4096: +1.36 → +0.85 µs (eight elements an invocation: +1.36).
+            // 4096: +1.36 (eight elements an invocation) → +0.85 µs.
             const uint EPW = 2u / WPR;   // elements per 32-bit word: 1 (f32) or 2
             uint words = D / EPW;
             for (uint i = tid; i < (end - mid) * 2u * words; i += WG) {

@@ -87,6 +87,11 @@ fn spec_mutant(mutant: Option<LayerMutant>) -> [(u32, u32); 1] {
     [(0, mutant.map_or(0, |m| m as u32))]
 }
 
+/// 16-byte chunks of a weight row of `cols` elements (at least one).
+fn row_chunks(cols: usize, dtype: Dtype) -> u64 {
+    (cols * dtype.size()).div_ceil(16).max(1) as u64
+}
+
 /// (invocations, rows) per matvec workgroup: the invocations cover a row's 16-byte chunks (a
 /// power of two in 32..=128, at least a subgroup), and rows are added while each invocation has
 /// fewer than four weight loads (a row's loads in one go, as the single-row path unrolls them).
@@ -97,7 +102,7 @@ fn spec_mutant(mutant: Option<LayerMutant>) -> [(u32, u32); 1] {
 /// gate/up 432 → 325, o 304 → 205, down 306 → 227. `rows` counts every matrix of the call;
 /// `plain_rows` is that count for a plain product.
 fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, plain_rows: Option<usize>) -> (u64, u64) {
-    let chunks = (cols * dtype.size()).div_ceil(16).max(1) as u64;
+    let chunks = row_chunks(cols, dtype);
     let subgroup = u64::from(subgroup_size);
     let wg = chunks.next_power_of_two().clamp(subgroup.max(32), MATVEC_WG.max(subgroup));
     if rows >= MATVEC_LARGE_ROWS {
@@ -112,8 +117,7 @@ fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, plai
 /// covers `ceil(chunks / wg)` chunk columns of each of its `loads_per_column` rows, and issues the
 /// loads of a whole batch together, at most [`MATVEC_BATCH_LOADS`] (matvec.comp MAX_LOADS).
 fn load_batches(cols: usize, dtype: Dtype, wg: u64, loads_per_column: u64) -> (u64, u64) {
-    let chunks = (cols * dtype.size()).div_ceil(16).max(1) as u64;
-    let columns = chunks.div_ceil(wg);
+    let columns = row_chunks(cols, dtype).div_ceil(wg);
     let most = (MATVEC_BATCH_LOADS / loads_per_column).max(1);
     let batches = columns.div_ceil(most);
     (columns.div_ceil(batches), batches)
