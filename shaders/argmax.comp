@@ -9,9 +9,9 @@
 // token while the prompt lasts, else the sampled one, which is also written to `ids` (the prompt
 // buffer, which so becomes the input id of every position: the host reads the sampled ids there,
 // several steps at a time). The order: the largest value, the lowest index among equals (as
-// torch.argmax over finite values); NaN never wins (torch's would), all NaN gives 0. (Two dispatches with a barrier between, and
-// shared-memory trees: 17 µs a token on the H100.) Bindings and push constants mirror
-// src/kernels/layers.rs argmax_advance.
+// torch.argmax over finite values); NaN never wins (torch's would), all NaN gives 0. (Two
+// dispatches with a barrier between, and shared-memory trees: 17 µs a token on the H100.)
+// Bindings and push constants mirror src/kernels/layers.rs argmax_advance.
 
 const uint WG = 256;
 const uint PER_THREAD = 4;
