@@ -20,18 +20,16 @@ const MATVEC_WG: u64 = 128;
 const MATVEC_MAX_ROWS: u64 = 8;
 /// Most weight loads a matvec invocation issues together (matvec.comp MAX_LOADS).
 const MATVEC_BATCH_LOADS: u64 = 16;
-/// Weight loads per matvec invocation the row count aims at.
-const MATVEC_LOADS: u64 = 4;
-/// Workgroups a plain matvec keeps while it adds rows for x reuse.
-const MATVEC_MIN_GROUPS: u64 = 1024;
+/// Weight loads per invocation where a row is at most one load of each (its chunks fit the
+/// workgroup): rows are added, batched, until each invocation issues this many together. H100,
+/// Qwen3-0.6B step at ctx 512 (q/k/v 8 rows, gate/up 4 rows of each matrix, against one row per
+/// workgroup unbatched): 1302 → 1254 µs/token; 16 loads (gate/up 8 rows) 1282.
+const MATVEC_SHORT_ROW_LOADS: u64 = 8;
 /// Matrices of at least this many rows (the vocabulary: the LM head) take [`MATVEC_MAX_ROWS`]
 /// rows per workgroup: fewer, longer workgroups. H100, the LM head inside the decode step:
 /// Qwen3-8B 468 → 434 µs/token (97% of the copy bandwidth), 0.6B 134 → 125 (16 loads an
 /// invocation: 439 and 125; 8: 459 and 125). They also take the batched path (every load of a
-/// batch issued before the products): 8B 434 → 411 µs/token, 0.6B 126 → 112. The same path for
-/// the layers' projections made Qwen3-0.6B's step 1364 → 1614 µs/token, every stage slower (the
-/// attention's too), likely as its fully unrolled code is fetched cold at every dispatch (the
-/// weights stream through L2 between the layers' uses of it).
+/// batch issued before the products): 8B 434 → 411 µs/token, 0.6B 126 → 112.
 const MATVEC_LARGE_ROWS: usize = 32768;
 /// Logits per argmax workgroup (argmax.comp BLOCK).
 pub const ARGMAX_BLOCK: usize = 1024;
@@ -92,25 +90,45 @@ fn row_chunks(cols: usize, dtype: Dtype) -> u64 {
     (cols * dtype.size()).div_ceil(16).max(1) as u64
 }
 
-/// (invocations, rows) per matvec workgroup: the invocations cover a row's 16-byte chunks (a
-/// power of two in 32..=128, at least a subgroup), and rows are added while each invocation has
-/// fewer than four weight loads (a row's loads in one go, as the single-row path unrolls them).
-/// A plain product (no fused norm or SwiGLU: o_proj, down_proj) also takes up to four rows while
-/// that leaves at least [`MATVEC_MIN_GROUPS`] workgroups, reusing its x values across them.
-/// H100, per stage inside the decode step, against 256 invocations and eight loads: Qwen3-8B
-/// gate/up 3076 → 2705 µs/token, q/k/v 1076 → 1006, o 789 → 728, down 1730 → 1702; Qwen3-0.6B
-/// gate/up 432 → 325, o 304 → 205, down 306 → 227. `rows` counts every matrix of the call;
-/// `plain_rows` is that count for a plain product.
-fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, plain_rows: Option<usize>) -> (u64, u64) {
+/// matvec.comp's PATH: the code a pipeline runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MatvecPath {
+    Row = 2,
+    Scalar = 3,
+    Batched = 4,
+}
+
+/// How a matvec dispatch is laid out (matvec.comp's specialization constants and grid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MatvecShape {
+    /// Invocations per workgroup: they cover a row's 16-byte chunks (a power of two in 32..=128,
+    /// at least a subgroup).
+    wg: u64,
+    /// Rows per workgroup (of each matrix, with SwiGLU).
+    rows: u64,
+    /// The batched path: every load of a batch issued before its products.
+    batched: bool,
+}
+
+/// The layout of a product of `rows` rows in all (every matrix of the call) of `cols` columns,
+/// `mats` matrices per row block (2 with SwiGLU):
+/// - the LM head ([`MATVEC_LARGE_ROWS`] and over): [`MATVEC_MAX_ROWS`] rows, batched;
+/// - rows that fit the workgroup (a row is one load of each invocation: Qwen3-0.6B's q/k/v and
+///   gate/up): rows batched up to [`MATVEC_SHORT_ROW_LOADS`] loads an invocation;
+/// - longer rows: one row per workgroup, four of its loads issued at a time. H100, Qwen3-0.6B
+///   step at ctx 512: o_proj with one row against two, 1272 → 1236 µs/token; Qwen3-8B's
+///   o_proj and down_proj with one row against four (for x reuse) unchanged.
+fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, mats: u64) -> MatvecShape {
     let chunks = row_chunks(cols, dtype);
     let subgroup = u64::from(subgroup_size);
     let wg = chunks.next_power_of_two().clamp(subgroup.max(32), MATVEC_WG.max(subgroup));
     if rows >= MATVEC_LARGE_ROWS {
-        return (wg, MATVEC_MAX_ROWS);
+        MatvecShape { wg, rows: MATVEC_MAX_ROWS, batched: true }
+    } else if chunks <= wg {
+        MatvecShape { wg, rows: (MATVEC_SHORT_ROW_LOADS / mats).clamp(1, MATVEC_MAX_ROWS), batched: true }
+    } else {
+        MatvecShape { wg, rows: 1, batched: false }
     }
-    let rows = (MATVEC_LOADS * wg / chunks).clamp(1, MATVEC_MAX_ROWS);
-    let reuse = plain_rows.map_or(1, |r| (r as u64 / MATVEC_MIN_GROUPS).clamp(1, 4));
-    (wg, rows.max(reuse))
 }
 
 /// (chunk columns per batch, batches) of an invocation of the vector path: each invocation
@@ -196,25 +214,25 @@ fn record_matvec<'a>(
     }
     let vec = (cols * dtype.size()).is_multiple_of(16);
     let rows: usize = call.outputs.iter().map(|(w, _)| w.rows).sum();
-    let plain = (call.norm.is_none() && !call.swiglu).then_some(rows);
-    let (wg, rows_per_wg) = matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, plain);
-    let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
     let mats = if call.swiglu { 2 } else { 1 };
-    let (per_batch, batches) = load_batches(cols, dtype, wg, rows_per_wg * mats);
-    // The LM head only: the batched path made each of the shorter projections slower (see
-    // MATVEC_LARGE_ROWS).
-    let batched = force_batched || rows >= MATVEC_LARGE_ROWS;
-    let spec = [
-        spec_mutant(call.mutant)[0],
-        (1, wg as u32),
-        (2, rows_per_wg as u32),
-        (3, mats as u32),
-        (4, per_batch as u32),
-        (5, batches as u32),
-        (6, 1),
-    ];
-    let spec = if batched { &spec[..] } else { &spec[..2] };
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec })?;
+    let shape = matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats);
+    let MatvecShape { wg, rows: rows_per_wg, batched } = shape;
+    let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
+    let batched = (force_batched || batched) && vec;
+    // The one path this pipeline runs (matvec.comp PATH), so its code holds nothing else.
+    let path = if batched {
+        MatvecPath::Batched
+    } else if vec && rows_per_wg == 1 {
+        MatvecPath::Row
+    } else {
+        MatvecPath::Scalar
+    };
+    let mut spec = vec![spec_mutant(call.mutant)[0], (1, wg as u32), (7, path as u32), (8, call.outputs.len() as u32)];
+    if batched {
+        let (per_batch, batches) = load_batches(cols, dtype, wg, rows_per_wg * mats);
+        spec.extend([(2, rows_per_wg as u32), (3, mats as u32), (4, per_batch as u32), (5, batches as u32), (6, 1)]);
+    }
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec: &spec })?;
     let flags = u32::from(call.accumulate)
         | (u32::from(vec) << 1)
         | (u32::from(call.norm.is_some()) << 2)
