@@ -601,6 +601,11 @@ void main() {
     } else {
         for (uint base = begin; base < mid; base += SLOTS * NP) step(base, mid, FROM_SCALAR, kv_base, lane, slot, b, kvh, first_new);
     }
+    // The new rows through the inputs (multi-query ranges, or rows not 16-byte aligned). The
+    // _qk variants have one new row, packed above when VEC: their pipelines leave this loop out.
+#if defined(QK_NORM_ROPE)
+    if (!VEC)
+#endif
     for (uint base = mid; base < end; base += SLOTS * NP) step(base, end, FROM_NEW, kv_base, lane, slot, b, kvh, first_new);
 
     // Combine the slots: publish each slot's (m, l) per head.
