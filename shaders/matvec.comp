@@ -184,9 +184,9 @@ float load_x1(uint c, bool norm, bool count) {
 // each invocation issues all the weight loads of a batch of PER_BATCH chunk columns × ROWS rows
 // × MATS matrices before it multiplies any of them, so it waits for memory once a batch rather
 // than once a loop iteration. Indices past the rows or the chunks are clamped (their loads issue
-// with the others) and their products dropped. Fully unrolled, this is large code: it pays off
-// for the LM head, not for the layers' short projections (src/kernels/layers.rs
-// MATVEC_LARGE_ROWS).
+// with the others) and their products dropped. Fully unrolled, this is large code, so its
+// pipelines hold nothing else (PATH_BATCHED): the host picks it for the LM head and for rows that
+// fit the workgroup (src/kernels/layers.rs matvec_shape).
 #define ROWS_DOT_VEC(WA, WB)                                                                \
     for (uint b = 0u; b < BATCHES; b++) {                                                   \
         uvec4 w[MAX_LOADS];                                                                 \

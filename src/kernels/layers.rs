@@ -215,8 +215,8 @@ fn record_matvec<'a>(
     let vec = (cols * dtype.size()).is_multiple_of(16);
     let rows: usize = call.outputs.iter().map(|(w, _)| w.rows).sum();
     let mats = if call.swiglu { 2 } else { 1 };
-    let shape = matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats);
-    let MatvecShape { wg, rows: rows_per_wg, batched } = shape;
+    let MatvecShape { wg, rows: rows_per_wg, batched } =
+        matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats);
     let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
     let batched = (force_batched || batched) && vec;
     // The one path this pipeline runs (matvec.comp PATH), so its code holds nothing else.
