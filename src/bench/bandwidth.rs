@@ -161,6 +161,79 @@ pub fn measure_copy(
     Ok(CopyBandwidth { buffer_bytes, bytes_per_call: 2 * buffer_bytes, shader, transfer, read })
 }
 
+/// Sizes [`measure_read_chain`] probes in `vkdecode bench bandwidth`: the bytes of a small
+/// model's decode stages (Qwen3-0.6B reads 2–13 MB of weights or cache a stage).
+pub const READ_CHAIN_BYTES: [u64; 4] = [MIB, 4 * MIB, 8 * MIB, 16 * MIB];
+/// Bytes the buffers of one chain size span at least, so a call reads memory rather than what
+/// the calls before it left in the last-level cache (twice the bench's assumed 64 MiB).
+pub const READ_CHAIN_SPAN: u64 = 128 * MIB;
+
+/// One size of the dependent-read chain: the read kernel over `bytes` of a buffer no recent call
+/// touched, after a barrier, call after call. That is the floor under a decode stage that streams
+/// `bytes` (launch, barrier, memory latency and the transfer itself): on the H100 a 4 MiB stage
+/// cannot take less than about 4.4 µs, however fast its kernel, against 1.4 µs at the copy rate.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ChainRead {
+    pub bytes: u64,
+    /// Buffers the calls rotate over.
+    pub buffers: usize,
+    pub timing: Timing,
+}
+
+impl ChainRead {
+    pub fn gbps(&self) -> f64 {
+        gb_per_s(self.bytes, self.timing.per_call.median_ns)
+    }
+}
+
+/// Measures a [`ChainRead`] for each of `sizes` (multiples of 16 bytes); each size's calls rotate
+/// over enough buffers to span `span_bytes`.
+pub fn measure_read_chain(
+    ctx: &Arc<Context>,
+    sizes: &[u64],
+    span_bytes: u64,
+    config: TimingConfig,
+    on_submit: &mut dyn FnMut(),
+) -> Result<Vec<ChainRead>> {
+    let pipeline =
+        ctx.pipeline(&PipelineDesc { shader: &shaders::READ, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
+    let [max_x, max_y, _] = ctx.info().max_workgroup_count.map(u64::from);
+    let mut out = Vec::with_capacity(sizes.len());
+    for &bytes in sizes {
+        let elements = bytes / ELEMENT;
+        let (gx, gy) = crate::kernels::grid_2d(elements.div_ceil(ELEMENTS_PER_WORKGROUP), max_x);
+        if bytes == 0 || !bytes.is_multiple_of(ELEMENT) || gy > max_y || elements > u64::from(u32::MAX) {
+            return Err(
+                invalid("sizes", format!("{bytes} bytes: a positive multiple of {ELEMENT} within the grid")).into()
+            );
+        }
+        let count = span_bytes.div_ceil(bytes).max(2) as usize;
+        let sources = (0..count)
+            .map(|i| Buffer::new(ctx, &format!("bench.chain.{i}"), bytes, Location::Device))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut rec = crate::gpu::Recorder::new(ctx)?;
+        for (i, b) in sources.iter().enumerate() {
+            crate::kernels::layers::fill(&mut rec, ctx, b, Dtype::F32, (bytes / 4) as usize, i as u32, 1.0, 0.0)?;
+        }
+        rec.submit()?;
+        let dst = Buffer::new(ctx, "bench.chain.dst", gx * gy * ELEMENT, Location::Device)?;
+        let push = crate::kernels::words(&[elements as u32, gx as u32]);
+        let timing = time_calls(
+            ctx,
+            &format!("dependent read of {bytes} bytes"),
+            config,
+            Between::Barrier,
+            |rec, call| {
+                let src = &sources[(call % count as u64) as usize];
+                Ok(rec.dispatch(&pipeline, &[src, &dst], &push, [gx as u32, gy as u32, 1], "bench.chain")?)
+            },
+            on_submit,
+        )?;
+        out.push(ChainRead { bytes, buffers: count, timing });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +250,20 @@ mod tests {
         assert_eq!(copy.shader.per_call_counters.dispatches, 1);
         assert_eq!(copy.transfer.as_ref().map(|t| t.per_call_counters.copies), Some(1));
         assert!(measure_copy(&ctx, 1000, config, false, &mut || {}).is_err(), "not a multiple of 16");
+        assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_read_chain_rotates_over_its_span_one_dispatch_a_call() {
+        let ctx = Arc::new(Context::new(&ContextOptions::from_env()).expect("a Vulkan device (lavapipe in CI)"));
+        let config = TimingConfig { iters: 3, repeats: 2, warmup: 1 };
+        let chain = measure_read_chain(&ctx, &[64 << 10, 256 << 10], 1 << 20, config, &mut || {}).unwrap();
+        assert_eq!(chain.iter().map(|c| (c.bytes, c.buffers)).collect::<Vec<_>>(), [(64 << 10, 16), (256 << 10, 4)]);
+        for c in &chain {
+            assert_eq!(c.timing.per_call_counters.dispatches, 1);
+            assert!(c.gbps() > 0.0);
+        }
+        assert!(measure_read_chain(&ctx, &[1000], 1 << 20, config, &mut || {}).is_err(), "not a multiple of 16");
         assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
     }
 }

@@ -42,7 +42,8 @@ enum BenchCommand {
     /// per-kernel split, fraction of the weight-bandwidth roofline)
     #[command(after_help = super::bench_decode::DECODE_HELP)]
     Decode(super::bench_decode::DecodeArgs),
-    /// Measure the device's copy bandwidth (the roofline every figure is a fraction of)
+    /// Measure the device's copy bandwidth (the roofline every figure is a fraction of), the cost
+    /// of a dependent dispatch, and the floor of a stage that streams 1–16 MiB after a barrier
     Bandwidth(super::bench_decode::BandwidthArgs),
 }
 

@@ -4,7 +4,10 @@
 
 use clap::Args;
 use serde_json::json;
-use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy, measure_launch};
+use vkdecode::bench::bandwidth::{
+    CopyBandwidth, READ_CHAIN_BYTES, READ_CHAIN_SPAN, default_copy_bytes, measure_copy, measure_launch,
+    measure_read_chain,
+};
 use vkdecode::bench::decode::{DecodeMeasurement, measure_decode};
 use vkdecode::bench::{MIB, TimingConfig};
 use vkdecode::engine::Engine;
@@ -87,6 +90,14 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
     let copy = copy_roofline(&ctx, args.mib.map(|m| m * MIB))?;
     let launch = measure_launch(&ctx, copy.shader.config, &mut || {})
         .map_err(|e| anyhow::anyhow!("measuring the launch cost: {e}"))?;
+    // A CPU device takes the smallest size over a small span: the floor is a GPU figure.
+    let (sizes, span) = if ctx.info().device_type == "cpu" {
+        (&READ_CHAIN_BYTES[..1], 4 * MIB)
+    } else {
+        (&READ_CHAIN_BYTES[..], READ_CHAIN_SPAN)
+    };
+    let chain = measure_read_chain(&ctx, sizes, span, copy.shader.config, &mut || {})
+        .map_err(|e| anyhow::anyhow!("measuring the dependent-read chain: {e}"))?;
     let info = ctx.info();
     if args.json {
         let value = json!({
@@ -96,6 +107,7 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
             "transfer_gbps": copy.transfer_gbps(),
             "read_kernel_gbps": copy.read_gbps(),
             "launch": launch,
+            "dependent_reads": chain,
         });
         emit(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     } else {
@@ -124,10 +136,15 @@ pub fn run_bandwidth(global: &Global, args: &BandwidthArgs) -> anyhow::Result<Fi
                 format!("{} ({}-{})", num(s.median_ns / 1e3), num(s.p10_ns / 1e3), num(s.p90_ns / 1e3)),
             ]);
         }
+        for c in &chain {
+            table.row(row(&format!("dependent read {}", bytes(c.bytes)), &c.timing, c.bytes));
+        }
         out.push_str(&table.render());
         out.push_str(&format!(
             "bytes per call: copies {} read + written ({} buffers), the read kernel the source once; \
-             median over {} submits; the copy kernel is the roofline other figures are a fraction of\n",
+             median over {} submits; the copy kernel is the roofline other figures are a fraction of\n\
+             dependent read: the read kernel over a buffer no recent call touched, after a barrier: the \
+             floor under a decode stage that streams that many bytes\n",
             bytes(copy.bytes_per_call),
             bytes(copy.buffer_bytes),
             copy.shader.config.repeats
