@@ -250,8 +250,6 @@ void main() {
         } else if ((NMATS == 0u || NMATS == 3u) && MATS == 1u) {
             ROWS_DOT_VEC(w2v, w2v)
         }
-    } else if (PATH == PATH_BATCHED) {
-        // Not reached: the host sets PATH_BATCHED only with BATCHED and 16-byte rows.
     } else if (m == 0u) {
         ROWS_DOT(w0v, w0, 0, true)
         if ((NMATS == 0u || NMATS == 2u) && swiglu) {

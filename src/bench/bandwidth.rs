@@ -16,7 +16,7 @@ use crate::kernels::{Dtype, invalid};
 use crate::shaders;
 
 use super::timing::{Between, Timing, TimingConfig, time_calls};
-use super::upload::{device_buffer, finite_bytes};
+use super::upload::{device_buffer, device_copies, finite_bytes};
 use super::{MIB, Result, gb_per_s};
 
 /// Largest buffer the copy probe uses.
@@ -103,6 +103,21 @@ pub fn default_copy_bytes(device: &DeviceInfo) -> u64 {
     MAX_COPY_BYTES.min(device.max_storage_buffer_range) / ELEMENT * ELEMENT
 }
 
+/// The push constants and grid of the copy or read kernel over `bytes` (a positive multiple of 16
+/// within the grid; else an error naming `param`).
+fn stream_launch(device: &DeviceInfo, param: &'static str, bytes: u64) -> Result<(Vec<u8>, [u32; 3])> {
+    if bytes == 0 || !bytes.is_multiple_of(ELEMENT) {
+        return Err(invalid(param, format!("{bytes} is not a positive multiple of {ELEMENT}")).into());
+    }
+    let elements = bytes / ELEMENT;
+    let [max_x, max_y, _] = device.max_workgroup_count.map(u64::from);
+    let (gx, gy) = crate::kernels::grid_2d(elements.div_ceil(ELEMENTS_PER_WORKGROUP), max_x);
+    if gy > max_y || elements > u64::from(u32::MAX) {
+        return Err(invalid(param, format!("{bytes} bytes exceed the copy kernel's grid")).into());
+    }
+    Ok((crate::kernels::words(&[elements as u32, gx as u32]), [gx as u32, gy as u32, 1]))
+}
+
 /// Measures the copy bandwidth over two device-local buffers of `buffer_bytes` each (a multiple
 /// of 16); `transfer` adds the `vkCmdCopyBuffer` figure.
 pub fn measure_copy(
@@ -112,22 +127,11 @@ pub fn measure_copy(
     transfer: bool,
     on_submit: &mut dyn FnMut(),
 ) -> Result<CopyBandwidth> {
-    if buffer_bytes == 0 || !buffer_bytes.is_multiple_of(ELEMENT) {
-        return Err(invalid("buffer_bytes", format!("{buffer_bytes} is not a positive multiple of {ELEMENT}")).into());
-    }
-    let elements = buffer_bytes / ELEMENT;
-    let groups = elements.div_ceil(ELEMENTS_PER_WORKGROUP);
-    let [max_x, max_y, _] = ctx.info().max_workgroup_count.map(u64::from);
-    let (gx, gy) = crate::kernels::grid_2d(groups, max_x);
-    if gy > max_y || elements > u64::from(u32::MAX) {
-        return Err(invalid("buffer_bytes", format!("{buffer_bytes} bytes exceed the copy kernel's grid")).into());
-    }
+    let (push, groups) = stream_launch(ctx.info(), "buffer_bytes", buffer_bytes)?;
     let src = device_buffer(ctx, "bench.copy.src", &finite_bytes(Dtype::F32, (buffer_bytes / 4) as usize, 7))?;
     let dst = Buffer::new(ctx, "bench.copy.dst", buffer_bytes, Location::Device)?;
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader: &shaders::COPY, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
-    let push = crate::kernels::words(&[elements as u32, gx as u32]);
-    let groups = [gx as u32, gy as u32, 1];
     let shader = time_calls(
         ctx,
         "copy kernel",
@@ -197,27 +201,13 @@ pub fn measure_read_chain(
 ) -> Result<Vec<ChainRead>> {
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader: &shaders::READ, bindings: 2, push_constant_bytes: 8, spec: &[] })?;
-    let [max_x, max_y, _] = ctx.info().max_workgroup_count.map(u64::from);
     let mut out = Vec::with_capacity(sizes.len());
     for &bytes in sizes {
-        let elements = bytes / ELEMENT;
-        let (gx, gy) = crate::kernels::grid_2d(elements.div_ceil(ELEMENTS_PER_WORKGROUP), max_x);
-        if bytes == 0 || !bytes.is_multiple_of(ELEMENT) || gy > max_y || elements > u64::from(u32::MAX) {
-            return Err(
-                invalid("sizes", format!("{bytes} bytes: a positive multiple of {ELEMENT} within the grid")).into()
-            );
-        }
+        let (push, groups) = stream_launch(ctx.info(), "sizes", bytes)?;
         let count = span_bytes.div_ceil(bytes).max(2) as usize;
-        let sources = (0..count)
-            .map(|i| Buffer::new(ctx, &format!("bench.chain.{i}"), bytes, Location::Device))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut rec = crate::gpu::Recorder::new(ctx)?;
-        for (i, b) in sources.iter().enumerate() {
-            crate::kernels::layers::fill(&mut rec, ctx, b, Dtype::F32, (bytes / 4) as usize, i as u32, 1.0, 0.0)?;
-        }
-        rec.submit()?;
-        let dst = Buffer::new(ctx, "bench.chain.dst", gx * gy * ELEMENT, Location::Device)?;
-        let push = crate::kernels::words(&[elements as u32, gx as u32]);
+        let names: Vec<String> = (0..count).map(|i| format!("bench.chain.{i}")).collect();
+        let sources = device_copies(ctx, &names, &finite_bytes(Dtype::F32, (bytes / 4) as usize, 9))?;
+        let dst = Buffer::new(ctx, "bench.chain.dst", u64::from(groups[0] * groups[1]) * ELEMENT, Location::Device)?;
         let timing = time_calls(
             ctx,
             &format!("dependent read of {bytes} bytes"),
@@ -225,7 +215,7 @@ pub fn measure_read_chain(
             Between::Barrier,
             |rec, call| {
                 let src = &sources[(call % count as u64) as usize];
-                Ok(rec.dispatch(&pipeline, &[src, &dst], &push, [gx as u32, gy as u32, 1], "bench.chain")?)
+                Ok(rec.dispatch(&pipeline, &[src, &dst], &push, groups, "bench.chain")?)
             },
             on_submit,
         )?;
