@@ -13,6 +13,8 @@
 //   FLAG_SWIGLU      W0 = gate, W1 = up (same shape): y0 = silu(W0·x)·(W1·x); each workgroup
 //                    computes the same rows of both.
 //   FLAG_ACCUMULATE  y += W·x (the residual stream).
+//   XMERGE > 0       x is decode attention's output, merged here from its split-K partials
+//                    (see XMERGE below), so attention needs no merge of its own.
 // One workgroup per block of rows_per_wg rows of one matrix; its invocations stride over the
 // columns (16-byte loads when rows are 16-byte aligned, FLAG_VEC), so each weight byte is read
 // once. Per-row sums are reduced with subgroupAdd, then across subgroups in shared memory; each
@@ -44,9 +46,22 @@ const uint PATH_ROW = 2u;       // vector loads, one row a workgroup
 const uint PATH_SCALAR = 3u;    // rows not 16-byte aligned
 const uint PATH_BATCHED = 4u;   // BATCHED
 
+// XMERGE > 0: X holds the split-K partial outputs O [row][chunk][head_dim] of decode attention
+// and XML their (m, l) [row][chunk], XMERGE chunks (src/kernels/attention.rs Partials); x
+// element j of row r = j / head_dim is Σ_c O_c·exp(m_c − M) / Σ_c l_c·exp(m_c − M), M = max m_c,
+// over the chunks with l_c > 0, and 0 where none has (attention_merge.comp without sinks). A
+// 16-byte weight chunk's x elements lie in one row (head_dim is a multiple of PER_CHUNK), so
+// each x chunk takes XMERGE (m, l) pairs and partial runs, loaded together. H100, Qwen3-0.6B at
+// ctx 512 (5 chunks): attention's own merge (after a device-scope counter) cost 2.2 µs a layer,
+// this one 1.4 (every workgroup merges all of x): 1196 → 1173 µs/token.
+layout(constant_id = 9) const uint XMERGE = 0;
+const uint XM = XMERGE > 0u ? XMERGE : 1u;   // array bound
+const float NEG_FLOOR = -3.0e38;   // attention's (m) of a chunk with no visible position
+
 // Engine mutants (src/kernels/layers.rs LayerMutant): 0 none.
 layout(constant_id = 0) const uint MUTANT = 0;
 const uint M_NORM_WEIGHT_IGNORED = 4;
+const uint M_MERGE_NO_RESCALE = 6;   // XMERGE: sums the chunks without the exp(m_c − M) rescale
 
 const uint MAX_ROWS = 8;           // rows per workgroup (host picks 1..=8)
 const uint MAX_SUBGROUPS = 64;     // 256 / the smallest subgroup size we accept (4)
@@ -68,6 +83,7 @@ layout(set = 0, binding = 5) buffer Y1 { float y1[]; };
 layout(set = 0, binding = 6) buffer Y2 { float y2[]; };
 layout(set = 0, binding = 7) readonly buffer NW { KV_T nw[]; };
 layout(set = 0, binding = 7) readonly buffer NWv { uvec4 nwv[]; };
+layout(set = 0, binding = 8) readonly buffer XML { vec2 xml[]; };   // XMERGE: (m, l) [row][chunk]
 
 layout(push_constant) uniform Push {
     uint rows0;
@@ -77,6 +93,7 @@ layout(push_constant) uniform Push {
     uint rows_per_wg;
     uint flags;
     float eps;
+    uint head_dim;   // XMERGE: elements of a partials row
 };
 
 shared float partial[2 * MAX_ROWS + 1][MAX_SUBGROUPS];
@@ -116,15 +133,52 @@ float dot_chunk(uvec4 wv, vec4 xa, vec4 xb) {
 float acc[2 * MAX_ROWS];   // rows of the block; with SWIGLU, [MAX_ROWS..] are the up rows
 float ss = 0.0;            // Σ x² over this invocation's columns (FLAG_NORM)
 
+// x chunk c merged from the split-K partials (XMERGE > 0).
+void merged_x(uint c, out vec4 xa, out vec4 xb) {
+    uint e = c * PER_CHUNK;
+    uint row = e / head_dim;
+    uint d = e - row * head_dim;
+    vec2 ml[XM];
+    vec4 oa[XM];
+    vec4 ob[XM];
+    [[unroll]] for (uint k = 0; k < XMERGE; ++k) {
+        uint part = row * XMERGE + k;
+        uint at = (part * head_dim + d) / 4u;
+        ml[k] = part < xml.length() ? xml[part] : vec2(NEG_FLOOR, 0.0);
+        oa[k] = at < xv.length() ? xv[at] : vec4(0.0);
+        ob[k] = PER_CHUNK == 8u && at + 1u < xv.length() ? xv[at + 1u] : vec4(0.0);
+    }
+    float M = NEG_FLOOR;
+    [[unroll]] for (uint k = 0; k < XMERGE; ++k) {
+        if (ml[k].y > 0.0) M = max(M, ml[k].x);
+    }
+    float L = 0.0;
+    xa = vec4(0.0);
+    xb = vec4(0.0);
+    [[unroll]] for (uint k = 0; k < XMERGE; ++k) {
+        float w = ml[k].y > 0.0 ? (MUTANT == M_MERGE_NO_RESCALE ? 1.0 : exp(ml[k].x - M)) : 0.0;
+        L += ml[k].y * w;
+        xa += oa[k] * w;
+        xb += ob[k] * w;
+    }
+    float inv = L > 0.0 ? 1.0 / L : 0.0;
+    xa *= inv;
+    xb *= inv;
+}
+
 // x chunk c (and its square sum, and the norm weight), for the vector path.
 void load_x(uint c, out vec4 xa, out vec4 xb, bool norm, bool count) {
+    if (XMERGE > 0u) {
+        merged_x(c, xa, xb);
+    } else {
 #if defined(VARIANT_F32)
-    xa = xv[c];
-    xb = vec4(0.0);
+        xa = xv[c];
+        xb = vec4(0.0);
 #else
-    xa = xv[2u * c];
-    xb = xv[2u * c + 1u];
+        xa = xv[2u * c];
+        xb = xv[2u * c + 1u];
 #endif
+    }
     if (norm) {
         if (count) ss += dot(xa, xa) + dot(xb, xb);
         if (MUTANT != M_NORM_WEIGHT_IGNORED) {

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, QkNormRope};
-use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall};
+use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall, X};
 use crate::kernels::{Dtype, KernelError};
 use crate::model::{Checkpoint, ModelError, Qwen3Config};
 use crate::reference::qwen3::rope_inv_freq;
@@ -354,6 +354,8 @@ struct Scratch {
     k_cache: Vec<Buffer>,
     v_cache: Vec<Buffer>,
     attention: AttentionParams,
+    /// o_proj merges attention's split-K partials (see [`consumer_merges`]).
+    consumer_merge: bool,
 }
 
 impl Scratch {
@@ -426,6 +428,7 @@ impl Scratch {
             counters: attention::zeroed_counters(ctx, &attention)?,
             k_cache,
             v_cache,
+            consumer_merge: consumer_merges(c, &attention, ctx.info()),
             attention,
         })
     }
@@ -454,6 +457,19 @@ pub(crate) fn rope_table(theta: f64, head_dim: usize, capacity: usize) -> Vec<u8
         }
     }
     out
+}
+
+/// Most bytes of attention's split-K partials o_proj's workgroups may read in all to merge them
+/// as they read x ([`layers::merged_x_reads`]); past that attention merges its own. H100, µs/token
+/// with attention merging / o_proj merging: Qwen3-0.6B at ctx 512 (5 chunks, 21 MB) 1196 / 1173;
+/// at ctx 4096 (13 chunks, 55 MB) 1468 / 1552.
+const CONSUMER_MERGE_MAX_BYTES: u64 = 32 << 20;
+
+/// Whether o_proj merges attention's split-K partials ([`CONSUMER_MERGE_MAX_BYTES`]).
+fn consumer_merges(c: &Qwen3Config, attention: &AttentionParams, device: &crate::gpu::DeviceInfo) -> bool {
+    let (_, chunks) = attention.split(device);
+    let reads = layers::merged_x_reads(c.hidden_size, c.num_attention_heads, chunks, c.head_dim);
+    (2..=layers::MATVEC_MAX_MERGE_CHUNKS).contains(&chunks) && reads <= CONSUMER_MERGE_MAX_BYTES
 }
 
 /// Records one decode step; returns the label of each timestamped interval (with `trace`).
@@ -494,18 +510,19 @@ fn record_step<'a>(
                          swiglu: bool,
                          label: &str|
      -> Result<(), EngineError> {
-        let mut call = MatvecCall { x: &s.x, outputs, norm: None, accumulate: false, swiglu, mutant: layer_mutant };
+        let mut call =
+            MatvecCall { x: X::Vector(&s.x), outputs, norm: None, accumulate: false, swiglu, mutant: layer_mutant };
         if norm.dtype == call.outputs[0].0.dtype {
             call.norm = Some((norm.vector(), eps));
         } else {
             layers::rmsnorm(rec, ctx, &s.x, norm.vector(), &s.h, eps, layer_mutant, "rmsnorm")?;
             rec.barrier();
-            call.x = &s.h;
+            call.x = X::Vector(&s.h);
         }
         layers::matvec(rec, ctx, &call, label)?;
         Ok(())
     };
-    let residual = |rec: &mut Recorder<'a>, w: &'a weights::GpuTensor, x: &'a Buffer, label: &str| {
+    let residual = |rec: &mut Recorder<'a>, w: &'a weights::GpuTensor, x: X<'a>, label: &str| {
         let call = MatvecCall {
             x,
             outputs: vec![(w.matrix(), &s.x)],
@@ -539,17 +556,24 @@ fn record_step<'a>(
                 rope: &s.rope,
             }),
         };
-        attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;
+        // o_proj merges attention's split-K partials as it reads them (few chunks).
+        let attn = if s.consumer_merge {
+            attention::record_unmerged(rec, ctx, &s.attention, bufs, attention_mutant)?
+                .map_or(X::Vector(&s.attn), X::Merged)
+        } else {
+            attention::record(rec, ctx, &s.attention, bufs, attention_mutant)?;
+            X::Vector(&s.attn)
+        };
         mark(rec, format!("L{l}.attention"))?;
         rec.barrier();
-        residual(rec, &layer.o_proj, &s.attn, "o_proj")?;
+        residual(rec, &layer.o_proj, attn, "o_proj")?;
         mark(rec, format!("L{l}.o_proj"))?;
         rec.barrier();
         let gate_up = vec![(layer.gate_proj.matrix(), &s.act), (layer.up_proj.matrix(), &s.act)];
         normed_matvec(rec, &layer.post_attention_layernorm, gate_up, true, "post_attention_layernorm+gate_up+swiglu")?;
         mark(rec, format!("L{l}.norm_gate_up_swiglu"))?;
         rec.barrier();
-        residual(rec, &layer.down_proj, &s.act, "down_proj")?;
+        residual(rec, &layer.down_proj, X::Vector(&s.act), "down_proj")?;
         mark(rec, format!("L{l}.down_proj"))?;
         rec.barrier();
     }

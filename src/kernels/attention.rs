@@ -2,7 +2,8 @@
 //! partials (O, m, l) with an online softmax, lanes of a subgroup sharing each K/V row (16-byte
 //! loads, shuffle reductions). With a few chunks the last workgroup of each group of chunks (a
 //! device-scope counter) merges them by log-sum-exp in the same dispatch; with more,
-//! `shaders/attention_merge.comp` does after a barrier, in parallel. [`AttentionParams::launch`]
+//! `shaders/attention_merge.comp` does after a barrier, in parallel; [`record_unmerged`] leaves
+//! the merge to the consumer (the engine's o_proj merges as it reads). [`AttentionParams::launch`]
 //! picks the specialization constants from the head dim, the GQA ratio, the chunk length and the
 //! device's subgroup size; the kernels need subgroup operations (shuffle, arithmetic).
 //! Options: sliding window, logit softcap, attention sinks, and a fused mode that appends the
@@ -25,7 +26,8 @@ use super::{
 };
 
 const PUSH_WORDS: usize = 16;
-/// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · head_dim ≤ this.
+/// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · 8 · lanes · runs
+/// per lane (the head dim the layout covers) ≤ this.
 const O_CAP: usize = 4096;
 /// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
 const ML_CAP: usize = 1024;
@@ -60,8 +62,6 @@ const QK_SHORT_CHUNK: usize = 512;
 /// Query-head × dim values one invocation holds in registers for q (and again for the
 /// accumulators): heads per block × 8 × runs per lane ≤ this (the shader's arrays).
 const MAX_LANE_VALUES: usize = 64;
-/// Most query heads one split workgroup serves.
-const MAX_HEADS_PER_WORKGROUP: usize = HEADS_PER_BLOCK_LARGE_DIMS;
 /// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
 /// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
 const SPLIT_WG: usize = 256;
@@ -304,7 +304,7 @@ impl AttentionParams {
         // (lavapipe) compiling one costs seconds (the property tests drew 168 with any slot count,
         // 121 with powers of two). GPUs with 32-wide subgroups are never limited at head dims ≤ 256.
         let wg = SPLIT_WG.min(device.max_workgroup_invocations as usize);
-        let slots = (wg / lanes).min(O_CAP / self.head_dim.max(1)).min(ML_CAP / heads).max(1);
+        let slots = (wg / lanes).min(O_CAP / (8 * lanes * runs_per_lane)).min(ML_CAP / heads).max(1);
         let slots = 1 << slots.ilog2();
         let elements_per_16b = 16 / self.dtype.size();
         let l = &self.layout;
@@ -465,7 +465,7 @@ impl AttentionParams {
         // The split pass's shared memory: the slot-combine buffers, (m, l) per head, the new K row,
         // and in fused mode the new rows packed as the cache stores them (f32 at most).
         let new_rows = if self.fused { 2 * NEW_ROWS_IN_SHARED * MAX_HEAD_DIM } else { 0 };
-        let shared = 4 * (O_CAP + 2 * ML_CAP + 2 * MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM + new_rows);
+        let shared = 4 * (O_CAP + 2 * ML_CAP + MAX_HEAD_DIM + new_rows);
         if (device.max_compute_shared_memory as usize) < shared {
             return Err(invalid(
                 "device",
@@ -517,6 +517,20 @@ impl AttentionParams {
     }
 }
 
+/// A decode-attention call's split-K partials, left for the consumer to merge
+/// ([`record_unmerged`]): `o` holds `[row][chunk][head_dim]` f32 and `ml` the `[row][chunk]`
+/// (m, l) f32 pairs, a row per (sequence, query, head). The output row is
+/// Σ_c O_c·exp(m_c − M) / Σ_c l_c·exp(m_c − M), M = max m_c, over the chunks with l_c > 0, and 0
+/// where none has.
+#[derive(Clone, Copy)]
+pub struct Partials<'a> {
+    pub o: &'a Buffer,
+    pub ml: &'a Buffer,
+    pub rows: usize,
+    pub chunks: usize,
+    pub head_dim: usize,
+}
+
 /// Records one decode-attention call: the split pass, then (with several chunks) a barrier and
 /// the merge. The shaders clamp lengths to the capacity regardless of `seq_lens`.
 pub fn record<'a>(
@@ -526,6 +540,34 @@ pub fn record<'a>(
     bufs: AttentionBuffers<'a>,
     mutant: Option<AttentionMutant>,
 ) -> Result<(), KernelError> {
+    record_split(rec, ctx, params, bufs, mutant, true).map(|_| ())
+}
+
+/// [`record`] without the merge: with several chunks the call ends once the partials are
+/// written, and returns them for the consumer to merge as it reads them (the engine's o_proj,
+/// [`super::layers::X::Merged`]), which saves the merge's device-scope counter and second pass;
+/// with one chunk it writes `out` and returns `None`. Not with sinks.
+pub fn record_unmerged<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    params: &AttentionParams,
+    bufs: AttentionBuffers<'a>,
+    mutant: Option<AttentionMutant>,
+) -> Result<Option<Partials<'a>>, KernelError> {
+    if params.sinks {
+        return Err(invalid("sinks", "an unmerged call leaves the merge to a consumer that takes no sinks").into());
+    }
+    record_split(rec, ctx, params, bufs, mutant, false)
+}
+
+fn record_split<'a>(
+    rec: &mut Recorder<'a>,
+    ctx: &Context,
+    params: &AttentionParams,
+    bufs: AttentionBuffers<'a>,
+    mutant: Option<AttentionMutant>,
+    merge: bool,
+) -> Result<Option<Partials<'a>>, KernelError> {
     params.validate(ctx)?;
     let q_bytes = (params.q_elements() * 4) as u64;
     let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
@@ -593,7 +635,7 @@ pub fn record<'a>(
         n_chunks as u32,
         params.window.unwrap_or(0) as u32,
         params.softcap.unwrap_or(0.0).to_bits(),
-        u32::from(params.sinks) | (u32::from(merge_in_split) << 1),
+        u32::from(params.sinks) | (u32::from(merge && merge_in_split) << 1),
         params.qk_norm_rope.unwrap_or(0.0).to_bits(),
     ]);
     let buffers = [
@@ -616,8 +658,16 @@ pub fn record<'a>(
     let groups =
         [(n_chunks * launch.head_blocks) as u32, params.n_kv_heads as u32, (params.n_seqs * params.n_queries) as u32];
     rec.dispatch(&pipeline, &buffers, &push, groups, "decode_attention.split")?;
-    if n_chunks == 1 || merge_in_split {
-        return Ok(());
+    if n_chunks == 1 {
+        return Ok(None);
+    }
+    if !merge {
+        let rows = params.n_seqs * params.n_queries * params.n_q_heads;
+        let (o, ml) = (bufs.partial_o, bufs.partial_ml);
+        return Ok(Some(Partials { o, ml, rows, chunks: n_chunks, head_dim: params.head_dim }));
+    }
+    if merge_in_split {
+        return Ok(None);
     }
 
     rec.barrier();
@@ -636,7 +686,7 @@ pub fn record<'a>(
         words(&[rows, params.head_dim as u32, n_chunks as u32, params.n_q_heads as u32, u32::from(params.sinks)]);
     let buffers = [bufs.partial_o, bufs.partial_ml, bufs.out, sinks];
     rec.dispatch(&merge, &buffers, &push, [gx, gy, 1], "decode_attention.merge")?;
-    Ok(())
+    Ok(None)
 }
 
 /// Storage buffers the split pipeline binds (the chunk counters last).
@@ -715,6 +765,30 @@ mod tests {
     /// 2⁻¹¹, 2⁻⁸), plus the f16 subnormal step. In attention the q error moves a score by
     /// ≤ η·S_a, S_a = scale·maxⱼ Σ_d a_d·|k_jd| with a_d the pair sums: it joins the score term of
     /// [`attention_element_bound`] as extra `max_abs_qk` of (D/2 + 12)/(D + 2)·S_a.
+    #[test]
+    fn an_unmerged_call_refuses_sinks() {
+        let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");
+        let params = AttentionParams { sinks: true, ..AttentionParams::qwen3_decode(4, 2, 64, Dtype::F16, 300, EPS) };
+        let b = Buffer::new(&ctx, "b", 1 << 20, Location::Device).expect("buffer");
+        let bufs = AttentionBuffers {
+            q: &b,
+            seq_lens: &b,
+            k_cache: &b,
+            v_cache: &b,
+            out: &b,
+            partial_o: &b,
+            partial_ml: &b,
+            counters: &b,
+            sinks: Some(&b),
+            new_k: Some(&b),
+            new_v: Some(&b),
+            qk_norm_rope: None,
+        };
+        let mut rec = Recorder::new(&ctx).expect("recorder");
+        let e = record_unmerged(&mut rec, &ctx, &params, bufs, None).err().expect("refused").to_string();
+        assert!(e.contains("sinks"), "{e}");
+    }
+
     #[test]
     fn the_qk_norm_rope_prologue_matches_the_reference() {
         let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::gpu::{Buffer, Context, Location, PipelineDesc, Recorder, Shader};
 use crate::shaders;
 
+use super::attention::Partials;
 use super::{Dtype, KernelError, ParamError, grid_2d, invalid, words};
 
 /// Invocations per workgroup of the norm, embed and fill shaders.
@@ -43,6 +44,9 @@ pub const STATE_WORDS: usize = 4;
 pub enum LayerMutant {
     /// RMSNorm multiplies by 1 instead of its weight.
     NormWeightIgnored = 4,
+    /// A matvec merging attention's partials ([`X::Merged`]) sums the chunks without rescaling
+    /// each by exp(m_c − M).
+    MergeNoRescale = 6,
 }
 
 /// A weight matrix `[rows][cols]` in its stored type.
@@ -117,12 +121,15 @@ struct MatvecShape {
 ///   gate/up): rows batched up to [`MATVEC_SHORT_ROW_LOADS`] loads an invocation;
 /// - longer rows: one row per workgroup, four of its loads issued at a time. H100, Qwen3-0.6B
 ///   step at ctx 512: o_proj with one row against two, 1272 → 1236 µs/token; Qwen3-8B's
-///   o_proj and down_proj with one row against four (for x reuse) unchanged.
-fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, mats: u64) -> MatvecShape {
+///   o_proj and down_proj with one row against four (for x reuse) unchanged;
+/// - x merged from attention's partials ([`X::Merged`]): [`MATVEC_MERGED_ROWS`] rows, batched.
+fn matvec_shape(cols: usize, dtype: Dtype, subgroup_size: u32, rows: usize, mats: u64, merged: bool) -> MatvecShape {
     let chunks = row_chunks(cols, dtype);
     let subgroup = u64::from(subgroup_size);
     let wg = chunks.next_power_of_two().clamp(subgroup.max(32), MATVEC_WG.max(subgroup));
-    if rows >= MATVEC_LARGE_ROWS {
+    if merged {
+        MatvecShape { wg, rows: MATVEC_MERGED_ROWS, batched: true }
+    } else if rows >= MATVEC_LARGE_ROWS {
         MatvecShape { wg, rows: MATVEC_MAX_ROWS, batched: true }
     } else if chunks <= wg {
         MatvecShape { wg, rows: (MATVEC_SHORT_ROW_LOADS / mats).clamp(1, MATVEC_MAX_ROWS), batched: true }
@@ -141,11 +148,36 @@ fn load_batches(cols: usize, dtype: Dtype, wg: u64, loads_per_column: u64) -> (u
     (columns.div_ceil(batches), batches)
 }
 
+/// Most split-K chunks a matvec merges its x from ([`X::Merged`]; matvec.comp unrolls them).
+pub const MATVEC_MAX_MERGE_CHUNKS: usize = 16;
+/// Rows per workgroup of a matvec whose x is merged from attention's partials: every workgroup
+/// merges all of x (chunks × the partials' bytes), so rows share that work. H100, Qwen3-0.6B's
+/// o_proj in the step at ctx 512 (5 chunks), µs/token: one row per workgroup 1238, two 1215, four
+/// 1222, eight 1252 (attention merging its own: 1233).
+pub const MATVEC_MERGED_ROWS: u64 = 2;
+
+/// Bytes of split-K partials the workgroups of a matvec over `rows` rows read in all when its x
+/// is merged from partials of `partial_rows` rows × `chunks` × `head_dim` ([`X::Merged`]): each
+/// workgroup reads every chunk's outputs and (m, l) pairs.
+pub fn merged_x_reads(rows: usize, partial_rows: usize, chunks: usize, head_dim: usize) -> u64 {
+    let per_workgroup = (partial_rows * chunks * (head_dim * 4 + 8)) as u64;
+    (rows as u64).div_ceil(MATVEC_MERGED_ROWS) * per_workgroup
+}
+
+/// The vector a matvec multiplies.
+#[derive(Clone, Copy)]
+pub enum X<'a> {
+    /// f32 `[cols]`.
+    Vector(&'a Buffer),
+    /// Decode attention's output, merged from its split-K partials as it is read (`rows ×
+    /// head_dim` = cols): the engine's o_proj, so attention needs no merge of its own.
+    Merged(Partials<'a>),
+}
+
 /// One matvec dispatch: `y_i = W_i·x` for up to three matrices sharing x (same columns and
 /// element type), with the fusions of matvec.comp.
 pub struct MatvecCall<'a> {
-    /// f32 `[cols]`.
-    pub x: &'a Buffer,
+    pub x: X<'a>,
     /// Each matrix with its f32 output `[rows]`.
     pub outputs: Vec<(Matrix<'a>, &'a Buffer)>,
     /// RMS-normalise x first with this weight (`[cols]`, same type as the matrices) and eps.
@@ -202,7 +234,34 @@ fn record_matvec<'a>(
     if call.swiglu && call.outputs[0].0.rows != call.outputs[1].0.rows {
         return Err(invalid("outputs", "gate and up must have the same rows").into());
     }
-    check_size("x", call.x, cols, 4)?;
+    let vec = (cols * dtype.size()).is_multiple_of(16);
+    // (x's binding, the partials' (m, l) binding, chunks merged, elements of a partials row)
+    let (x, x_ml, merge_chunks, head_dim) = match call.x {
+        X::Vector(x) => {
+            check_size("x", x, cols, 4)?;
+            (x, x, 0, 0)
+        }
+        X::Merged(p) => {
+            let per_chunk = 16 / dtype.size();
+            if p.rows * p.head_dim != cols || p.head_dim == 0 || !p.head_dim.is_multiple_of(per_chunk) || !vec {
+                return Err(invalid(
+                    "x",
+                    format!(
+                        "partials of {} rows × {} dims for {cols} columns of {dtype}: rows × head_dim must be the \
+                         columns, head_dim a multiple of {per_chunk}",
+                        p.rows, p.head_dim
+                    ),
+                )
+                .into());
+            }
+            if !(1..=MATVEC_MAX_MERGE_CHUNKS).contains(&p.chunks) {
+                return Err(invalid("x", format!("{} chunks; 1..={MATVEC_MAX_MERGE_CHUNKS} merge", p.chunks)).into());
+            }
+            check_size("x", p.o, p.rows * p.chunks * p.head_dim, 4)?;
+            check_size("x", p.ml, p.rows * p.chunks * 2, 4)?;
+            (p.o, p.ml, p.chunks, p.head_dim)
+        }
+    };
     if let Some((nw, eps)) = call.norm {
         if nw.len != cols || nw.dtype != dtype {
             return Err(invalid("norm", format!("{} values of {}; {cols} of {dtype} needed", nw.len, nw.dtype)).into());
@@ -212,11 +271,10 @@ fn record_matvec<'a>(
             return Err(invalid("eps", format!("{eps} is not a finite non-negative number")).into());
         }
     }
-    let vec = (cols * dtype.size()).is_multiple_of(16);
     let rows: usize = call.outputs.iter().map(|(w, _)| w.rows).sum();
     let mats = if call.swiglu { 2 } else { 1 };
     let MatvecShape { wg, rows: rows_per_wg, batched } =
-        matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats);
+        matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats, merge_chunks > 0);
     let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
     let batched = (force_batched || batched) && vec;
     // The one path this pipeline runs (matvec.comp PATH), so its code holds nothing else.
@@ -227,25 +285,39 @@ fn record_matvec<'a>(
     } else {
         MatvecPath::Scalar
     };
-    let mut spec = vec![spec_mutant(call.mutant)[0], (1, wg as u32), (7, path as u32), (8, call.outputs.len() as u32)];
+    let mut spec = vec![
+        spec_mutant(call.mutant)[0],
+        (1, wg as u32),
+        (7, path as u32),
+        (8, call.outputs.len() as u32),
+        (9, merge_chunks as u32),
+    ];
     if batched {
         let (per_batch, batches) = load_batches(cols, dtype, wg, rows_per_wg * mats);
         spec.extend([(2, rows_per_wg as u32), (3, mats as u32), (4, per_batch as u32), (5, batches as u32), (6, 1)]);
     }
-    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 8, push_constant_bytes: 28, spec: &spec })?;
+    let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 9, push_constant_bytes: 32, spec: &spec })?;
     let flags = u32::from(call.accumulate)
         | (u32::from(vec) << 1)
         | (u32::from(call.norm.is_some()) << 2)
         | (u32::from(call.swiglu) << 3);
     let rows = |i: usize| call.outputs.get(i).map_or(0, |(w, _)| w.rows);
     let eps = call.norm.map_or(0.0, |(_, e)| e);
-    let push =
-        words(&[rows(0) as u32, rows(1) as u32, rows(2) as u32, cols as u32, rows_per_wg as u32, flags, eps.to_bits()]);
+    let push = words(&[
+        rows(0) as u32,
+        rows(1) as u32,
+        rows(2) as u32,
+        cols as u32,
+        rows_per_wg as u32,
+        flags,
+        eps.to_bits(),
+        head_dim as u32,
+    ]);
     // Unused bindings get a buffer the shader never reads in that mode.
     let w = |i: usize| call.outputs.get(i).map_or(first.buffer, |(m, _)| m.buffer);
     let y = |i: usize| call.outputs.get(i).map_or(call.outputs[0].1, |(_, y)| *y);
-    let nw = call.norm.map_or(call.x, |(v, _)| v.buffer);
-    let buffers = [w(0), w(1), w(2), call.x, y(0), y(1), y(2), nw];
+    let nw = call.norm.map_or(x, |(v, _)| v.buffer);
+    let buffers = [w(0), w(1), w(2), x, y(0), y(1), y(2), nw, x_ml];
     let blocks: u64 = if call.swiglu {
         (rows(0) as u64).div_ceil(rows_per_wg)
     } else {
@@ -471,7 +543,7 @@ mod tests {
                 .map(|(i, &rows)| (Matrix { buffer: &wbs[i], dtype, rows, cols }, &ybs[i]))
                 .collect();
             let call = MatvecCall {
-                x: &xb,
+                x: X::Vector(&xb),
                 outputs,
                 norm: case.norm.then_some((Vector { buffer: &nwb, dtype, len: cols }, eps)),
                 accumulate: case.accumulate,
@@ -528,6 +600,106 @@ mod tests {
             }
         }
         assert!(ctx.take_validation_messages().is_empty(), "validation messages");
+    }
+
+    /// Rows of y = W·x out of bound, x merged from split-K attention partials ([`X::Merged`]) of
+    /// `heads` rows of `head_dim`: random O in [-1, 1], m in [-3, 0], l in [0.5, 2]; head 0's
+    /// chunk 1 has no visible position (l = 0, m the shader's floor) and head 1 none at all (x
+    /// = 0). Bound: each weight exp(m_c − M) is within ε_w = (4 + 3·|m_c − M|)·u (the subtraction,
+    /// then Vulkan's 3 + 2·|x| ulp for exp); numerator and denominator sum `chunks` terms; with
+    /// the reciprocal and its product, x_j is within γ_x = 2·ε_w + (2·chunks + 6)·u of
+    /// A_j = Σ_c |O_c[j]|·w_c / L; the product adds γ·Σ|W·x| as above.
+    fn merged_violations(
+        dtype: Dtype,
+        heads: usize,
+        head_dim: usize,
+        chunks: usize,
+        rows: usize,
+        mutant: Option<LayerMutant>,
+    ) -> usize {
+        const NEG_FLOOR: f32 = -3.0e38;
+        let ctx = Context::shared().expect("a Vulkan device");
+        let mut rng = Rng::new(7 + (heads * chunks * head_dim) as u64);
+        let cols = heads * head_dim;
+        let (w_bytes, w) = values(&mut rng, rows * cols, -1.0, 1.0, dtype);
+        let mut o = vec![0f32; heads * chunks * head_dim];
+        let mut ml = vec![(NEG_FLOOR, 0f32); heads * chunks];
+        for h in 0..heads {
+            for c in 0..chunks {
+                if (h == 0 && c == 1) || h == 1 {
+                    continue;
+                }
+                ml[h * chunks + c] = ((-3.0 * rng.unit()) as f32, (0.5 + 1.5 * rng.unit()) as f32);
+                for v in &mut o[(h * chunks + c) * head_dim..][..head_dim] {
+                    *v = (2.0 * rng.unit() - 1.0) as f32;
+                }
+            }
+        }
+        let ml_flat: Vec<f32> = ml.iter().flat_map(|&(m, l)| [m, l]).collect();
+        let up = |name: &str, b: &[u8]| Buffer::with_bytes(&ctx, name, b, Location::Upload).expect("buffer");
+        let (wb, ob, mlb) = (up("w", &w_bytes), up("o", &f32_bytes(&o)), up("ml", &f32_bytes(&ml_flat)));
+        let y = Buffer::new(&ctx, "y", 4 * rows as u64, Location::Readback).expect("buffer");
+        {
+            let mut rec = Recorder::new(&ctx).expect("recorder");
+            let partials = Partials { o: &ob, ml: &mlb, rows: heads, chunks, head_dim };
+            let call = MatvecCall {
+                x: X::Merged(partials),
+                outputs: vec![(Matrix { buffer: &wb, dtype, rows, cols }, &y)],
+                norm: None,
+                accumulate: false,
+                swiglu: false,
+                mutant,
+            };
+            matvec(&mut rec, &ctx, &call, "test").expect("record");
+            rec.submit().expect("submit");
+        }
+        // x and A per element, and γ_x per head.
+        let (mut x, mut a, mut gamma_x) = (vec![0f64; cols], vec![0f64; cols], vec![0f64; heads]);
+        for h in 0..heads {
+            let valid: Vec<usize> = (0..chunks).filter(|&c| ml[h * chunks + c].1 > 0.0).collect();
+            let big_m = valid.iter().map(|&c| f64::from(ml[h * chunks + c].0)).fold(f64::NEG_INFINITY, f64::max);
+            let wts: Vec<f64> = valid.iter().map(|&c| (f64::from(ml[h * chunks + c].0) - big_m).exp()).collect();
+            let l: f64 = valid.iter().zip(&wts).map(|(&c, wt)| f64::from(ml[h * chunks + c].1) * wt).sum();
+            let spread = valid.iter().map(|&c| big_m - f64::from(ml[h * chunks + c].0)).fold(0.0, f64::max);
+            gamma_x[h] = 2.0 * (4.0 + 3.0 * spread) * U + (2.0 * chunks as f64 + 6.0) * U;
+            for d in 0..head_dim {
+                let j = h * head_dim + d;
+                for (&c, wt) in valid.iter().zip(&wts) {
+                    let v = f64::from(o[(h * chunks + c) * head_dim + d]);
+                    x[j] += v * wt / l;
+                    a[j] += v.abs() * wt / l;
+                }
+            }
+        }
+        let gamma = (cols as f64 + 4.0) * U;
+        let got = y.read().expect("read");
+        let mut violations = 0;
+        for (i, g) in got.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).enumerate() {
+            let row = &w[i * cols..][..cols];
+            let want: f64 = row.iter().zip(&x).map(|(wv, xv)| wv * xv).sum();
+            let abs: f64 = row.iter().zip(&x).map(|(wv, xv)| (wv * xv).abs()).sum();
+            let carried: f64 = row.iter().enumerate().map(|(j, wv)| wv.abs() * gamma_x[j / head_dim] * a[j]).sum();
+            if (f64::from(g) - want).abs() > gamma * abs + carried {
+                violations += 1;
+            }
+        }
+        assert!(ctx.take_validation_messages().is_empty(), "validation messages");
+        violations
+    }
+
+    #[test]
+    fn matvec_merges_attention_partials_within_the_bound() {
+        // (heads, head_dim, chunks, rows): Qwen3-0.6B's o_proj at ctx 512 (16 heads of 128, 5
+        // chunks; an odd row count: the last workgroup's second row is past the end), short rows,
+        // one chunk, the most chunks.
+        for (heads, head_dim, chunks, rows) in [(16, 128, 5, 41), (4, 64, 3, 33), (2, 128, 1, 8), (3, 32, 16, 20)] {
+            for dtype in Dtype::ALL {
+                let bad = merged_violations(dtype, heads, head_dim, chunks, rows, None);
+                assert_eq!(bad, 0, "{dtype} h{heads} d{head_dim} chunks {chunks}: {bad} of {rows} rows out of bound");
+            }
+        }
+        // The mutant that skips the rescale is caught.
+        assert!(merged_violations(Dtype::Bf16, 16, 128, 5, 41, Some(LayerMutant::MergeNoRescale)) > 0);
     }
 
     #[test]
@@ -645,8 +817,14 @@ mod tests {
         let big = Buffer::new(&ctx, "big", 4096, crate::gpu::Location::Device).expect("buffer");
         let mut rec = Recorder::new(&ctx).expect("recorder");
         let w = Matrix { buffer: &big, dtype: Dtype::F32, rows: 4, cols: 64 };
-        let call =
-            |outputs, swiglu| MatvecCall { x: &small, outputs, norm: None, accumulate: false, swiglu, mutant: None };
+        let call = |outputs, swiglu| MatvecCall {
+            x: X::Vector(&small),
+            outputs,
+            norm: None,
+            accumulate: false,
+            swiglu,
+            mutant: None,
+        };
         let e = matvec(&mut rec, &ctx, &call(vec![(w, &big)], false), "t").unwrap_err().to_string();
         assert!(e.contains("`x`"), "{e}");
         let e = matvec(&mut rec, &ctx, &call(vec![(w, &big)], true), "t").unwrap_err().to_string();
