@@ -29,8 +29,8 @@ const PUSH_WORDS: usize = 16;
 /// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · 8 · lanes · runs
 /// per lane (the head dim the layout covers) ≤ this.
 const O_CAP: usize = 4096;
-/// Entries of its per-slot (m, l) buffers (the shader's `ML_CAP`): slots · heads ≤ this.
-const ML_CAP: usize = 1024;
+/// Entries of its per-slot (m, l) and weight buffers (the shader's `ML_CAP`): slots · heads ≤ this.
+const ML_CAP: usize = 512;
 /// How many query heads a split workgroup serves (its block of a GQA group; the group's other
 /// blocks re-read the same K/V, mostly from L2) and how many positions each row slot takes per
 /// step (their loads are in flight together, fetched a step ahead). Measured on the H100 (132
@@ -62,6 +62,8 @@ const QK_SHORT_CHUNK: usize = 512;
 /// Query-head × dim values one invocation holds in registers for q (and again for the
 /// accumulators): heads per block × 8 × runs per lane ≤ this (the shader's arrays).
 const MAX_LANE_VALUES: usize = 64;
+/// Most query heads one split workgroup serves.
+const MAX_HEADS_PER_WORKGROUP: usize = HEADS_PER_BLOCK_LARGE_DIMS;
 /// Invocations per split workgroup (fewer when the slot-combine buffer would not hold them).
 /// H100: 256 beat 128 and 512 (kv 4096..20000, head dims 128 and 256).
 const SPLIT_WG: usize = 256;
@@ -462,10 +464,10 @@ impl AttentionParams {
                 ));
             }
         }
-        // The split pass's shared memory: the slot-combine buffers, (m, l) per head, the new K row,
-        // and in fused mode the new rows packed as the cache stores them (f32 at most).
+        // The split pass's shared memory: the slot-combine buffers, (m, l, weight) per slot and
+        // head, M per head, the new K row, and in fused mode the new rows packed as the cache stores them (f32 at most).
         let new_rows = if self.fused { 2 * NEW_ROWS_IN_SHARED * MAX_HEAD_DIM } else { 0 };
-        let shared = 4 * (O_CAP + 2 * ML_CAP + MAX_HEAD_DIM + new_rows);
+        let shared = 4 * (O_CAP + 3 * ML_CAP + MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM + new_rows);
         if (device.max_compute_shared_memory as usize) < shared {
             return Err(invalid(
                 "device",
