@@ -74,7 +74,9 @@ pub fn measure_decode(
     }
     // The step time comes from a run with one timestamp per step; the split by stage from a
     // second run with a timestamp after every stage (which costs time of its own).
+    // The staged run takes fewer steps a submit where its timestamps would not fit.
     let run = |trace| {
+        let tokens_per_submit = tokens_per_submit.min(engine.max_tokens_per_submit(trace));
         let options =
             GenerateOptions { kv_dtype, trace, start_position: context, tokens_per_submit, ..Default::default() };
         engine.generate(&[1], warmup + steps, &options, |_| {})
@@ -139,5 +141,25 @@ mod tests {
         assert!(kinds.contains(&"attention") && kinds.contains(&"norm_gate_up_swiglu"), "{kinds:?}");
         let sum: f64 = m.kernels_us.iter().map(|(_, v)| v).sum();
         assert!(sum > 0.0);
+    }
+
+    #[test]
+    fn the_staged_run_fits_its_timestamps_in_each_command_buffer() {
+        // max_tokens_per_submit counts a step's timestamps as recorded: 5 a layer and 3 more.
+        let ctx = Context::shared().expect("a Vulkan device");
+        let mut config = Qwen3Config::preset("qwen3-0.6b").expect("preset");
+        (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) = (512, 64, 128, 2);
+        let engine = Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights");
+        let staged = GenerateOptions { trace: Trace::Stages, ..Default::default() };
+        let g = engine.generate(&[1], 1, &staged, |_| {}).expect("generate");
+        assert_eq!(g.trace.iter().filter(|e| e.step == 0).count(), 13);
+        assert_eq!(engine.max_tokens_per_submit(Trace::Stages), 4095 / 13);
+        assert_eq!(engine.max_tokens_per_submit(Trace::Steps), 4095);
+        // Past it generate says what is wrong (Qwen3-0.6B's 28 layers: 28 steps a buffer, under
+        // the 64 that `bench decode --tokens-per-submit` takes; measure_decode's staged run
+        // takes at most this many).
+        let options = GenerateOptions { tokens_per_submit: 316, ..staged };
+        let e = engine.generate(&[1], 1, &options, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("tokens_per_submit is 316") && e.contains("at most 315 steps"), "{e}");
     }
 }

@@ -218,6 +218,19 @@ impl Engine {
         Ok(Engine { ctx: ctx.clone(), config, weights, qk_norms })
     }
 
+    /// Most decode steps one command buffer can hold with `trace`: each timestamp takes a query
+    /// of its pool ([`crate::gpu::MAX_TIMESTAMPS`]); with [`Trace::Stages`] a step writes one after
+    /// the embedding, five a layer, and after the LM head and argmax (see `record_step`).
+    pub fn max_tokens_per_submit(&self, trace: Trace) -> usize {
+        let per_step = match trace {
+            Trace::Off => return usize::MAX,
+            Trace::Steps => 1,
+            Trace::Stages => 5 * self.config.num_hidden_layers + 3,
+        };
+        // One timestamp opens the buffer.
+        (crate::gpu::MAX_TIMESTAMPS as usize - 1) / per_step
+    }
+
     pub fn config(&self) -> &Qwen3Config {
         &self.config
     }
@@ -256,6 +269,13 @@ impl Engine {
         if per_submit == 0 || (options.keep_logits && per_submit != 1) {
             return Err(EngineError::Input(format!(
                 "tokens_per_submit is {per_submit}; it must be at least 1 (exactly 1 when logits are kept)"
+            )));
+        }
+        let most = self.max_tokens_per_submit(options.trace);
+        if per_submit > most {
+            return Err(EngineError::Input(format!(
+                "tokens_per_submit is {per_submit}; with {:?} tracing a command buffer holds timestamps for at most {most} steps of this model",
+                options.trace
             )));
         }
         let submits = steps.div_ceil(per_submit);

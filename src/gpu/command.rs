@@ -22,7 +22,8 @@ use super::pipeline::Pipeline;
 
 const SETS_PER_POOL: u32 = 256;
 const MAX_BINDINGS: u32 = 16;
-const MAX_TIMESTAMPS: u32 = 4096;
+/// Timestamps one command buffer can hold (its query pool).
+pub const MAX_TIMESTAMPS: u32 = 4096;
 
 /// What a recorded command buffer contains, for the per-token counters of the engine and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

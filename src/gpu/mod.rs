@@ -12,7 +12,7 @@ pub mod error;
 pub mod pipeline;
 
 pub use buffer::{Buffer, Location};
-pub use command::{Completed, Counters, Program, Recorder};
+pub use command::{Completed, Counters, MAX_TIMESTAMPS, Program, Recorder};
 pub use context::{Context, ContextOptions, DeviceInfo, list_devices};
 pub use error::{GpuError, Result};
 pub use pipeline::{Pipeline, PipelineDesc, PipelineStatistic, Shader, registers};
