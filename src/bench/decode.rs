@@ -125,12 +125,17 @@ mod tests {
     use crate::gpu::Context;
     use crate::model::Qwen3Config;
 
-    #[test]
-    fn a_tiny_model_gives_consistent_figures() {
+    /// Qwen3-0.6B's heads with 2 layers, hidden 64, intermediate 128, vocabulary 512.
+    fn tiny_engine() -> Engine {
         let ctx = Context::shared().expect("a Vulkan device");
         let mut config = Qwen3Config::preset("qwen3-0.6b").expect("preset");
         (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) = (512, 64, 128, 2);
-        let engine = Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights");
+        Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights")
+    }
+
+    #[test]
+    fn a_tiny_model_gives_consistent_figures() {
+        let engine = tiny_engine();
         let m = measure_decode(&engine, 100, Dtype::F16, 1, 4, 3).expect("measure");
         assert_eq!(m.per_token.samples, 4);
         assert!(m.per_token.median_ns > 0.0 && m.tokens_per_second() > 0.0);
@@ -146,10 +151,7 @@ mod tests {
     #[test]
     fn the_staged_run_fits_its_timestamps_in_each_command_buffer() {
         // max_tokens_per_submit counts a step's timestamps as recorded: 5 a layer and 3 more.
-        let ctx = Context::shared().expect("a Vulkan device");
-        let mut config = Qwen3Config::preset("qwen3-0.6b").expect("preset");
-        (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) = (512, 64, 128, 2);
-        let engine = Engine::random(&ctx, config, Dtype::Bf16, 7).expect("random weights");
+        let engine = tiny_engine();
         let staged = GenerateOptions { trace: Trace::Stages, ..Default::default() };
         let g = engine.generate(&[1], 1, &staged, |_| {}).expect("generate");
         assert_eq!(g.trace.iter().filter(|e| e.step == 0).count(), 13);
