@@ -465,7 +465,8 @@ impl AttentionParams {
             }
         }
         // The split pass's shared memory: the slot-combine buffers, (m, l, weight) per slot and
-        // head, M per head, the new K row, and in fused mode the new rows packed as the cache stores them (f32 at most).
+        // head, M per head, the new K row, and in fused mode the new rows packed as the cache
+        // stores them (f32 at most).
         let new_rows = if self.fused { 2 * NEW_ROWS_IN_SHARED * MAX_HEAD_DIM } else { 0 };
         let shared = 4 * (O_CAP + 3 * ML_CAP + MAX_HEADS_PER_WORKGROUP + MAX_HEAD_DIM + new_rows);
         if (device.max_compute_shared_memory as usize) < shared {
