@@ -176,7 +176,8 @@ impl<'a> Recorder<'a> {
     }
 
     /// Makes every earlier shader or transfer write visible to every later shader or transfer
-    /// access (a global memory barrier: our kernels only touch buffers).
+    /// access (a global memory barrier: our kernels only touch buffers). Narrower is not cheaper:
+    /// H100, compute-only stages and accesses measured the same 2.27 µs launch + barrier.
     pub fn barrier(&mut self) {
         let rw = vk::AccessFlags::SHADER_READ
             | vk::AccessFlags::SHADER_WRITE
