@@ -1,6 +1,7 @@
 #version 450
 #extension GL_EXT_shader_16bit_storage : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_EXT_control_flow_attributes : require
 // variants: f32 f16 bf16
 //
@@ -17,8 +18,9 @@
 //                    (see XMERGE below), so attention needs no merge of its own.
 // One workgroup per block of rows_per_wg rows of one matrix; its invocations stride over the
 // columns (16-byte loads when rows are 16-byte aligned, FLAG_VEC), so each weight byte is read
-// once. Per-row sums are reduced with subgroupAdd, then across subgroups in shared memory; each
-// output element is written by one invocation. The workgroup size is a specialization constant:
+// once. Per-row sums are reduced within each subgroup (reduce_scatter on the batched path, a
+// subgroupAdd per row on the others), then across subgroups in shared memory; each output
+// element is written by one invocation. The workgroup size is a specialization constant:
 // narrow rows get narrow workgroups. Bindings and push constants mirror src/kernels/layers.rs.
 
 #include "kv_types.glsl"   // KV_T / kv_load: the weight element type (same encodings as the cache)
@@ -266,6 +268,44 @@ float load_x1(uint c, bool norm, bool count) {
         }                                                                                   \
     }
 
+// The batched path's ROWS·MATS per-row sums, padded to a power of two SUMS (≤ 16).
+const uint NSUMS = ROWS * MATS;
+const uint SUMS = NSUMS <= 1u ? 1u : (NSUMS <= 2u ? 2u : (NSUMS <= 4u ? 4u : (NSUMS <= 8u ? 8u : 16u)));
+
+// The batched path's subgroup sums of acc, into partial[row][subgroup], by reduce-scatter: at
+// each step lanes l and l ^ h (h = SUMS/2 .. 1) swap halves of the sums they hold and add, so
+// after log2(SUMS) steps lane l holds one sum, of index l mod SUMS, over the SUMS lanes that
+// differ in those bits; the rest of the subgroup adds in log2(size/SUMS) more. For 8 sums on 32
+// lanes that is 9 shuffles where a subgroupAdd per sum takes 40. H100, Qwen3-0.6B step at ctx
+// 512: 1172 → 1097 µs/token (a build without any reduction, wrong but timed, took 1064; one
+// that kept the subgroupAdds and left out the shared-memory stage, 1149). The steps are written
+// out per literal h: written as a loop over h (v indexed by it, probably out of registers) the
+// step took 1309.
+void reduce_scatter() {
+    float v[16];
+    [[unroll]] for (uint i = 0u; i < 16u; i++) {
+        v[i] = i < NSUMS ? acc[(i / ROWS) * MAX_ROWS + i % ROWS] : 0.0;
+    }
+    uint lane = gl_SubgroupInvocationID;
+    // One step per literal h, so every index is a constant and v stays in registers.
+#define SCATTER_STEP(h)                                                  \
+    if (h < SUMS) {                                                      \
+        bool upper = (lane & h) != 0u;                                   \
+        [[unroll]] for (uint i = 0u; i < h; i++) {                       \
+            float keep = upper ? v[i + h] : v[i];                        \
+            float send = upper ? v[i] : v[i + h];                        \
+            v[i] = keep + subgroupShuffleXor(send, h);                   \
+        }                                                                \
+    }
+    SCATTER_STEP(8u)
+    SCATTER_STEP(4u)
+    SCATTER_STEP(2u)
+    SCATTER_STEP(1u)
+#undef SCATTER_STEP
+    for (uint o = SUMS; o < gl_SubgroupSize; o *= 2u) v[0] += subgroupShuffleXor(v[0], o);
+    if (lane < NSUMS) partial[(lane / ROWS) * MAX_ROWS + lane % ROWS][gl_SubgroupID] = v[0];
+}
+
 void main() {
     uint wg = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     bool swiglu = (flags & FLAG_SWIGLU) != 0u;
@@ -315,14 +355,20 @@ void main() {
         ROWS_DOT(w2v, w2, 0, true)
     }
 
-    [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) {
-        if (r % MAX_ROWS < n_rows && (r < MAX_ROWS || swiglu)) {
-            float s = subgroupAdd(acc[r]);
-            if (gl_SubgroupInvocationID == 0u) partial[r][gl_SubgroupID] = s;
+    if (BATCHED && vec && SUMS <= gl_SubgroupSize) {
+        reduce_scatter();
+    } else {
+        [[unroll]] for (uint r = 0; r < 2 * MAX_ROWS; r++) {
+            if (r % MAX_ROWS < n_rows && (r < MAX_ROWS || swiglu)) {
+                float s = subgroupAdd(acc[r]);
+                if (gl_SubgroupInvocationID == 0u) partial[r][gl_SubgroupID] = s;
+            }
         }
     }
-    float s2 = subgroupAdd(ss);
-    if (gl_SubgroupInvocationID == 0u) partial[2 * MAX_ROWS][gl_SubgroupID] = s2;
+    if (norm) {
+        float s2 = subgroupAdd(ss);
+        if (gl_SubgroupInvocationID == 0u) partial[2 * MAX_ROWS][gl_SubgroupID] = s2;
+    }
     barrier();
     if (tid >= n_rows) return;
     float dot0 = 0.0, dot1 = 0.0, total_ss = 0.0;
