@@ -323,6 +323,28 @@ pub fn best_of(a: &RunResults, b: &RunResults) -> RunResults {
     RunResults { copy_gbps: a.copy_gbps.max(b.copy_gbps), runs: a.runs + b.runs, figures, ..a.clone() }
 }
 
+/// For a baseline: each figure from the run whose far end of the p10–p90 band is better (the
+/// lower p90 of a time, the higher p10 of a rate). That band is the noise later runs are allowed,
+/// so a run with a few slow steps would blunt the gate: H100, an 8B step at ctx 512 recorded with
+/// a p90 of 22223 µs against a median of 6564 could never have failed.
+pub fn steadier_of(a: &RunResults, b: &RunResults) -> RunResults {
+    let steadier = |x: &Figure, y: &Figure| match x.better {
+        Better::Lower if y.p90 < x.p90 => y.clone(),
+        Better::Higher if y.p10 > x.p10 => y.clone(),
+        _ => x.clone(),
+    };
+    let mut figures: Vec<Figure> =
+        a.figures.iter().map(|f| b.figure(&f.name).map_or_else(|| f.clone(), |g| steadier(f, g))).collect();
+    figures.extend(b.figures.iter().filter(|g| a.figure(&g.name).is_none()).cloned());
+    RunResults { copy_gbps: a.copy_gbps.max(b.copy_gbps), runs: a.runs + b.runs, figures, ..a.clone() }
+}
+
+/// The figures whose p10–p90 band is wider than `tolerance` of the median: against a baseline
+/// holding them, only a change beyond that band can fail.
+pub fn noisy_figures(results: &RunResults, tolerance: Tolerance) -> Vec<&Figure> {
+    results.figures.iter().filter(|f| f.p90 - f.p10 > tolerance.fraction() * f.median.abs()).collect()
+}
+
 impl RunResults {
     pub fn figure(&self, name: &str) -> Option<&Figure> {
         self.figures.iter().find(|f| f.name == name)
@@ -908,6 +930,21 @@ mod tests {
         assert!(!text.contains("\"runs\""));
         assert_eq!(parse_results(&text).unwrap().runs, 1);
         assert!(best.to_json().contains("\"runs\": 2"));
+    }
+
+    #[test]
+    fn a_baseline_keeps_each_figures_steadier_run_and_names_the_noisy_ones() {
+        let gbps = |p10: f64| Figure { unit: "GB/s".into(), better: Better::Higher, p10, ..time("copy", 2900.0, 10.0) };
+        // `a` had slow steps in the first run (a wide band, a lower median); `b` in the second.
+        let first = results(vec![Figure { p90: 40.0, ..time("a", 10.0, 0.1) }, time("b", 10.0, 0.1), gbps(2700.0)]);
+        let second = results(vec![time("a", 10.2, 0.1), Figure { p90: 30.0, ..time("b", 9.9, 0.1) }, gbps(2880.0)]);
+        let kept = steadier_of(&first, &second);
+        assert_eq!(kept.runs, 2);
+        let picked: Vec<(&str, f64, f64)> = kept.figures.iter().map(|f| (f.name.as_str(), f.median, f.p10)).collect();
+        assert_eq!(picked, [("a", 10.2, 10.2 - 0.1), ("b", 10.0, 10.0 - 0.1), ("copy", 2900.0, 2880.0)]);
+        assert!(noisy_figures(&kept, tol("5%")).is_empty());
+        let noisy: Vec<&str> = noisy_figures(&first, tol("5%")).iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(noisy, ["a", "copy"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use clap::Args;
 use serde_json::json;
 use vkdecode::bench::gate::{
     DeviceIdentity, GateOptions, GateSet, Outcome, RunResults, Status, Tolerance, Verdict, best_of, check_comparable,
-    collect, compare, load_results, outcome, write_atomic,
+    collect, compare, load_results, noisy_figures, outcome, steadier_of, write_atomic,
 };
 use vkdecode::bench::plot;
 
@@ -29,7 +29,8 @@ Rule: a figure regresses when its median is worse than the baseline's by more th
 AND the p10-p90 ranges do not overlap (times: now p10 > baseline p90). When one does, and when a
 baseline is written, the set is measured a second time and each figure is kept from its better
 run, so a figure fails only when it is worse in both (a GPU can run one measurement slow
-throughout; --single-run turns this off). Improvements are reported;
+throughout; --single-run turns this off). A baseline keeps each figure from its steadier run (the
+narrower noise band) and warns of a figure whose band is wider than the tolerance. Improvements are reported;
 a figure only in this run is reported as new and passes; one only in the baseline means the set
 changed: no verdict (exit 2) until the baseline is recorded again.
 
@@ -119,11 +120,22 @@ pub fn run(global: &Global, args: &GateArgs) -> anyhow::Result<Finish> {
         baseline.as_ref().is_some_and(|b| outcome(&compare(b, current, args.tolerance)) == Outcome::Regressed)
     };
     if !args.single_run && (args.update_baseline || regressed(&current)) {
-        note(&format!(
-            "measuring the set again ({}): each figure is kept from its better run",
-            if args.update_baseline { "a baseline is written" } else { "a figure regressed" }
-        ));
-        current = best_of(&current, &collect(&ctx, &options, &mut |line| note(line))?);
+        note(&if args.update_baseline {
+            "measuring the set again (a baseline is written): each figure is kept from its steadier run".to_string()
+        } else {
+            "measuring the set again (a figure regressed): each figure is kept from its better run".to_string()
+        });
+        let again = collect(&ctx, &options, &mut |line| note(line))?;
+        current = if args.update_baseline { steadier_of(&current, &again) } else { best_of(&current, &again) };
+    }
+    if args.update_baseline {
+        for f in noisy_figures(&current, args.tolerance) {
+            note(&format!(
+                "warning: `{}` varies from {:.4} to {:.4} {} (p10–p90, median {:.4}), more than the {} \
+                 tolerance: a regression inside that band will pass; warm the device and record again",
+                f.name, f.p10, f.p90, f.unit, f.median, args.tolerance
+            ));
+        }
     }
     let messages = ctx.take_validation_messages();
     if !messages.is_empty() {
