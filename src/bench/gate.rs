@@ -307,20 +307,16 @@ fn is_one(x: &u32) -> bool {
 
 /// Two runs of one set as one: each figure from the run where its median came out better, the
 /// copy bandwidth likewise. A figure is then worse than a baseline only when it is worse in both
-/// runs, so a passing slow state of the GPU can neither fail the gate nor skew a baseline. (Seen
+/// runs, so a passing slow state of the GPU cannot fail the gate (a baseline takes
+/// [`steadier_of`] instead). (Seen
 /// on the H100: single shapes 1.5–2.3× slower with tight p10–p90 throughout one measurement, as
 /// h32:kv2:d256 at 20000 with 162.8 against 78.8 µs, and normal in the next.) Figures only in one
 /// run are kept as they are.
 pub fn best_of(a: &RunResults, b: &RunResults) -> RunResults {
-    let better = |x: &Figure, y: &Figure| match x.better {
-        Better::Lower if y.median < x.median => y.clone(),
-        Better::Higher if y.median > x.median => y.clone(),
-        _ => x.clone(),
-    };
-    let mut figures: Vec<Figure> =
-        a.figures.iter().map(|f| b.figure(&f.name).map_or_else(|| f.clone(), |g| better(f, g))).collect();
-    figures.extend(b.figures.iter().filter(|g| a.figure(&g.name).is_none()).cloned());
-    RunResults { copy_gbps: a.copy_gbps.max(b.copy_gbps), runs: a.runs + b.runs, figures, ..a.clone() }
+    merge_runs(a, b, |x, y| match x.better {
+        Better::Lower => y.median < x.median,
+        Better::Higher => y.median > x.median,
+    })
 }
 
 /// For a baseline: each figure from the run whose far end of the p10–p90 band is better (the
@@ -328,13 +324,18 @@ pub fn best_of(a: &RunResults, b: &RunResults) -> RunResults {
 /// so a run with a few slow steps would blunt the gate: H100, an 8B step at ctx 512 recorded with
 /// a p90 of 22223 µs against a median of 6564 could never have failed.
 pub fn steadier_of(a: &RunResults, b: &RunResults) -> RunResults {
-    let steadier = |x: &Figure, y: &Figure| match x.better {
-        Better::Lower if y.p90 < x.p90 => y.clone(),
-        Better::Higher if y.p10 > x.p10 => y.clone(),
-        _ => x.clone(),
-    };
+    merge_runs(a, b, |x, y| match x.better {
+        Better::Lower => y.p90 < x.p90,
+        Better::Higher => y.p10 > x.p10,
+    })
+}
+
+/// Two runs of the set as one: each figure of `a`, replaced by `b`'s where `take_b(a's, b's)`,
+/// then the figures only `b` has.
+fn merge_runs(a: &RunResults, b: &RunResults, take_b: impl Fn(&Figure, &Figure) -> bool) -> RunResults {
+    let pick = |x: &Figure, y: &Figure| if take_b(x, y) { y.clone() } else { x.clone() };
     let mut figures: Vec<Figure> =
-        a.figures.iter().map(|f| b.figure(&f.name).map_or_else(|| f.clone(), |g| steadier(f, g))).collect();
+        a.figures.iter().map(|f| b.figure(&f.name).map_or_else(|| f.clone(), |g| pick(f, g))).collect();
     figures.extend(b.figures.iter().filter(|g| a.figure(&g.name).is_none()).cloned());
     RunResults { copy_gbps: a.copy_gbps.max(b.copy_gbps), runs: a.runs + b.runs, figures, ..a.clone() }
 }

@@ -26,13 +26,13 @@ and with --quick: the quick set (short attention shapes, a tiny Qwen3, few calls
 one set is never compared with a run of the other.
 
 Rule: a figure regresses when its median is worse than the baseline's by more than the tolerance
-AND the p10-p90 ranges do not overlap (times: now p10 > baseline p90). When one does, and when a
-baseline is written, the set is measured a second time and each figure is kept from its better
-run, so a figure fails only when it is worse in both (a GPU can run one measurement slow
-throughout; --single-run turns this off). A baseline keeps each figure from its steadier run (the
-narrower noise band) and warns of a figure whose band is wider than the tolerance. Improvements are reported;
-a figure only in this run is reported as new and passes; one only in the baseline means the set
-changed: no verdict (exit 2) until the baseline is recorded again.
+AND the p10-p90 ranges do not overlap (times: now p10 > baseline p90). When one does, the set is
+measured a second time and each figure is kept from its better run, so a figure fails only when it
+is worse in both (a GPU can run one measurement slow throughout; --single-run turns this off). A
+baseline is measured twice too and keeps each figure from its steadier run (the better far end of
+the p10-p90 band), with a warning for a figure whose band is wider than the tolerance.
+Improvements are reported; a figure only in this run is reported as new and passes; one only in
+the baseline means the set changed: no verdict (exit 2) until the baseline is recorded again.
 
 Exit status: 0 no regression (or baseline written), 1 a figure regressed, 2 no verdict: the
 baseline is missing or malformed, or is for another device, driver or set.
