@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cases;
 pub mod engine;
 pub mod gpu;
+pub mod implementation;
 pub mod kernels;
 pub mod model;
 pub mod shaders;

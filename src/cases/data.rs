@@ -8,6 +8,7 @@ use vkdecode_reference::dtype::{decode, encode, store};
 
 use super::model::{AppendCase, AppendValues, AttentionCase, Dist, Poison};
 use super::rng::Rng;
+use crate::implementation::SlotContract;
 use crate::kernels::attention::AttentionParams;
 use crate::kernels::kv_append::AppendParams;
 use crate::kernels::{Dtype, ParamError};
@@ -73,6 +74,11 @@ fn poison_bits(dtype: Dtype, poison: Poison, rng: &mut Rng) -> u32 {
         (Poison::Garbage, Dtype::F32) => rng.next_u32(),
         (Poison::Garbage, _) => rng.next_u32() & 0xffff,
         (Poison::Zero, _) => 0,
+        (Poison::Large, _) => {
+            let magnitude = 32.0 + 64.0 * rng.unit();
+            let x = if rng.below(2) == 0 { magnitude } else { -magnitude };
+            encode(dtype, x as f32)
+        }
     }
 }
 
@@ -96,9 +102,16 @@ fn decode_all(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-/// Materializes an attention case.
+/// Materializes an attention case for a kernel that never reads unused slots.
 pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamError> {
+    attention_inputs_for(case, SlotContract::Poison)
+}
+
+/// Materializes an attention case for a kernel with the slot contract `slots`: under
+/// [`SlotContract::Finite`], NaN, Inf and garbage poison become [`Poison::Large`].
+pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result<AttentionInputs, ParamError> {
     let params = case.params()?;
+    let poison = case.data.poison.under(slots);
     let p = &params;
     let layout = p.layout;
     let dtype = p.dtype;
@@ -111,14 +124,14 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
     let mut k_bytes = vec![0u8; n * dtype.size()];
     let mut v_bytes = vec![0u8; n * dtype.size()];
     let mut poison_rng = Rng::stream(seed, "poison");
-    if case.data.poison == Poison::Garbage {
+    if matches!(poison, Poison::Garbage | Poison::Large) {
         for i in 0..n {
-            store(dtype, &mut k_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
-            store(dtype, &mut v_bytes, i, poison_bits(dtype, case.data.poison, &mut poison_rng));
+            store(dtype, &mut k_bytes, i, poison_bits(dtype, poison, &mut poison_rng));
+            store(dtype, &mut v_bytes, i, poison_bits(dtype, poison, &mut poison_rng));
         }
     } else {
         // A constant pattern draws nothing from the stream: fill element-wise by copy.
-        let bits = poison_bits(dtype, case.data.poison, &mut poison_rng);
+        let bits = poison_bits(dtype, poison, &mut poison_rng);
         fill(dtype, &mut k_bytes, bits);
         fill(dtype, &mut v_bytes, bits);
     }
@@ -163,7 +176,7 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
                 for pos in len - nq..len {
                     for d in 0..p.head_dim {
                         let i = layout.offset(b, h, pos, d);
-                        let poison = if case.data.poison == Poison::Zero { Poison::Nan } else { case.data.poison };
+                        let poison = if poison == Poison::Zero { Poison::Nan.under(slots) } else { poison };
                         store(dtype, &mut k_bytes, i, poison_bits(dtype, poison, &mut rng));
                         store(dtype, &mut v_bytes, i, poison_bits(dtype, poison, &mut rng));
                     }

@@ -104,6 +104,20 @@ pub enum Poison {
     Garbage,
     /// Zeros: no poison (for cases that want a clean cache).
     Zero,
+    /// Large finite values (|x| in 32..96, random sign): what implementations with the `finite`
+    /// slot contract get instead of NaN, Inf or garbage. A kernel that reads an unused slot
+    /// unmasked still fails: such a key's logit dominates its row.
+    Large,
+}
+
+impl Poison {
+    /// The poison an implementation with `slots` gets in place of this one.
+    pub fn under(self, slots: crate::implementation::SlotContract) -> Poison {
+        match (slots, self) {
+            (crate::implementation::SlotContract::Finite, Poison::Nan | Poison::Inf | Poison::Garbage) => Poison::Large,
+            _ => self,
+        }
+    }
 }
 
 /// One visible position whose key is made to dominate: K = gain × the group's first query head.

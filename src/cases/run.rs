@@ -9,10 +9,11 @@ use std::sync::Arc;
 use vkdecode_reference::dtype::{decode, load};
 use vkdecode_reference::{AttentionOptions, AttentionShape, decode_attention_with};
 
-use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs};
+use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs_for};
 use super::model::{AppendCase, AttentionCase, Case};
-use super::tolerance::{ATTENTION_MAX_NMSE, attention_element_bound, denormal_floor};
+use super::tolerance::{ATTENTION_MAX_NMSE, Precision, attention_element_bound_for, denormal_floor};
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
+use crate::implementation::{AppendGpu, Builtin, HarnessMutant, Implementation, Judged, judge_case};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
 use crate::kernels::kv_append::{self, AppendBuffers, AppendParams};
 use crate::kernels::{KernelError, Mutant, ParamError, words};
@@ -28,6 +29,12 @@ pub enum RunError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// The implementation under test was asked to run a kernel it does not have.
+    #[error("implementation `{implementation}` has no {kernel} kernel")]
+    NotImplemented { implementation: String, kernel: &'static str },
+    /// The implementation under test failed in its own way (a manifest's pass, a foreign runtime).
+    #[error("implementation `{implementation}`: {message}")]
+    Implementation { implementation: String, message: String },
 }
 
 impl RunError {
@@ -84,18 +91,14 @@ pub struct AppendRun {
     pub ref_v: Vec<u8>,
 }
 
-/// Runs any case; `mutant` applies only if it belongs to the case's kernel.
+/// Runs any case on vkdecode's own kernels; `mutant` applies only if it belongs to the case's
+/// kernel. The same path as any implementation under test ([`crate::implementation::judge_case`]).
 pub fn run_case(ctx: &Arc<Context>, case: &Case, mutant: Option<Mutant>) -> Result<Outcome, RunError> {
-    let mut outcome = match case {
-        Case::Attention(c) => run_attention(ctx, c, mutant.and_then(Mutant::attention))?.0,
-        Case::KvAppend(c) => run_append(ctx, c, mutant.and_then(Mutant::append))?.0,
-    };
-    let messages = ctx.take_validation_messages();
-    if !messages.is_empty() {
-        outcome.passed = false;
-        outcome.detail = Some(format!("{} validation message(s):\n{}", messages.len(), messages.join("\n")));
+    match judge_case(ctx, &Builtin::with_mutant(mutant), case, None)? {
+        Judged::Ran(outcome) => Ok(outcome),
+        // The built-in capabilities admit every valid case, and `params()` rejected the rest.
+        Judged::Unsupported(reason) => Err(crate::kernels::invalid("case", reason).into()),
     }
-    Ok(outcome)
 }
 
 fn poison_bytes(bytes: u64) -> Vec<u8> {
@@ -106,22 +109,50 @@ pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Runs an attention case on the GPU and the reference, and compares.
+/// Runs an attention case on vkdecode's kernels and the reference, and compares.
 pub fn run_attention(
     ctx: &Arc<Context>,
     case: &AttentionCase,
     mutant: Option<attention::AttentionMutant>,
 ) -> Result<(Outcome, AttentionRun), RunError> {
-    let inputs = attention_inputs(case)?;
-    let gpu = run_attention_gpu(ctx, &inputs, mutant)?;
+    run_attention_with(ctx, &Builtin::with_mutant(mutant.map(Mutant::Attention)), case, None)
+}
+
+/// Runs an attention case on an implementation and the reference, and compares with the
+/// implementation's precision profile; the caches are filled by its slot contract. `harness`
+/// hands the implementation deliberately wrong inputs (the reference keeps the right ones).
+pub fn run_attention_with(
+    ctx: &Arc<Context>,
+    imp: &dyn Implementation,
+    case: &AttentionCase,
+    harness: Option<HarnessMutant>,
+) -> Result<(Outcome, AttentionRun), RunError> {
+    let caps = imp.capabilities();
+    let inputs = attention_inputs_for(case, caps.unread_slots)?;
+    let gpu = match harness {
+        Some(m) => imp.attention(ctx, &m.apply(&inputs))?,
+        None => imp.attention(ctx, &inputs)?,
+    };
+    if gpu.out.len() != inputs.q.len() {
+        return Err(RunError::Implementation {
+            implementation: imp.name().to_string(),
+            message: format!("returned {} output elements, {} expected ([B][T][H][D])", gpu.out.len(), inputs.q.len()),
+        });
+    }
     let reference = attention_reference(&inputs);
-    let mut outcome = check_attention(&inputs, &gpu.out, &reference);
-    if let (Some(fused), Some((k_after, v_after))) = (&inputs.fused, &gpu.caches_after) {
-        check_fused_caches(
-            &mut outcome,
-            inputs.params.dtype,
-            [("K", k_after, &fused.k_after), ("V", v_after, &fused.v_after)],
-        );
+    let mut outcome = check_attention_with(&caps.precision, &inputs, &gpu.out, &reference);
+    if let Some(fused) = &inputs.fused {
+        match &gpu.caches_after {
+            Some((k_after, v_after)) => check_fused_caches(
+                &mut outcome,
+                inputs.params.dtype,
+                [("K", k_after, &fused.k_after), ("V", v_after, &fused.v_after)],
+            ),
+            None => {
+                outcome.passed = false;
+                outcome.detail.get_or_insert_with(|| "fused call returned no caches to check".into());
+            }
+        }
     }
     if let Some(i) = gpu.counters_after.iter().position(|&b| b != 0) {
         outcome.passed = false;
@@ -311,8 +342,19 @@ pub fn attention_reference(inputs: &AttentionInputs) -> Vec<f64> {
     out.iter().copied().collect()
 }
 
-/// Compares a GPU attention output with the reference, element by element.
+/// Compares a GPU attention output with the reference, element by element, in strict f32.
 pub fn check_attention(inputs: &AttentionInputs, gpu: &[f32], reference: &[f64]) -> Outcome {
+    check_attention_with(&Precision::F32, inputs, gpu, reference)
+}
+
+/// Compares an attention output with the reference, element by element, with the element bound
+/// of `precision`.
+pub fn check_attention_with(
+    precision: &Precision,
+    inputs: &AttentionInputs,
+    gpu: &[f32],
+    reference: &[f64],
+) -> Outcome {
     let p = &inputs.params;
     let d = p.head_dim;
     let group = p.n_q_heads / p.n_kv_heads;
@@ -338,7 +380,7 @@ pub fn check_attention(inputs: &AttentionInputs, gpu: &[f32], reference: &[f64])
                     max_v = (0..d).map(|i| f64::from(inputs.v[base + i]).abs()).fold(max_v, f64::max);
                 }
                 let terms = if n > 0 && inputs.sinks.is_some() { n + 1 } else { n };
-                let bound = attention_element_bound(terms, d, max_qk, max_v, p.softcap.map(f64::from));
+                let bound = attention_element_bound_for(precision, terms, d, max_qk, max_v, p.softcap.map(f64::from));
                 for i in 0..d {
                     let (got, want) = (f64::from(gpu[row + i]), reference[row + i]);
                     let err = (got - want).abs();
@@ -389,31 +431,38 @@ pub fn check_attention(inputs: &AttentionInputs, gpu: &[f32], reference: &[f64])
         max_abs_err,
         worst_ratio,
         nmse,
-        tolerance: "worst-case f32 bound per element, NMSE <= 5e-4",
+        tolerance: precision.describe(),
         detail,
     }
 }
 
-/// Runs an append case on the GPU and the reference, and compares every byte of both caches.
+/// Runs an append case on vkdecode's kernel and the reference, and compares every byte of both
+/// caches.
 pub fn run_append(
     ctx: &Arc<Context>,
     case: &AppendCase,
     mutant: Option<kv_append::AppendMutant>,
 ) -> Result<(Outcome, AppendRun), RunError> {
+    run_append_with(ctx, &Builtin::with_mutant(mutant.map(Mutant::Append)), case)
+}
+
+/// Runs an append case on an implementation and the reference, and compares every byte.
+pub fn run_append_with(
+    ctx: &Arc<Context>,
+    imp: &dyn Implementation,
+    case: &AppendCase,
+) -> Result<(Outcome, AppendRun), RunError> {
     let inputs = append_inputs(case)?;
     let p = inputs.params;
-    p.validate(ctx)?;
-    p.validate_starts(&inputs.starts)?;
-    let new_k = Buffer::with_bytes(ctx, "kv_append.new_k", &f32_bytes(&inputs.new_k), Location::Upload)?;
-    let new_v = Buffer::with_bytes(ctx, "kv_append.new_v", &f32_bytes(&inputs.new_v), Location::Upload)?;
-    let start = Buffer::with_bytes(ctx, "kv_append.start", &words(&inputs.starts), Location::Upload)?;
-    let k_cache = Buffer::with_bytes(ctx, "kv_append.k_cache", &inputs.k_before, Location::Readback)?;
-    let v_cache = Buffer::with_bytes(ctx, "kv_append.v_cache", &inputs.v_before, Location::Readback)?;
-    let mut rec = Recorder::new(ctx)?;
-    let bufs = AppendBuffers { new_k: &new_k, new_v: &new_v, start: &start, k_cache: &k_cache, v_cache: &v_cache };
-    kv_append::record(&mut rec, ctx, &p, bufs, mutant)?;
-    rec.submit()?;
-    let (gpu_k, gpu_v) = (k_cache.read()?, v_cache.read()?);
+    let AppendGpu { k_cache: gpu_k, v_cache: gpu_v } = imp.append(ctx, &inputs)?;
+    for (which, got) in [("K", &gpu_k), ("V", &gpu_v)] {
+        if got.len() != inputs.k_before.len() {
+            return Err(RunError::Implementation {
+                implementation: imp.name().to_string(),
+                message: format!("returned a {which} cache of {} bytes, {} expected", got.len(), inputs.k_before.len()),
+            });
+        }
+    }
     let starts: Vec<usize> = inputs.starts.iter().map(|&s| s as usize).collect();
     let (mut ref_k, mut ref_v) = (inputs.k_before.clone(), inputs.v_before.clone());
     vkdecode_reference::kv_append(p.dtype, &mut ref_k, &p.layout, &inputs.new_k, p.n_new, &starts);

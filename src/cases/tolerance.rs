@@ -38,6 +38,26 @@
 //! devices that flush f32 denormals (each of the n + D terms may lose < 2⁻¹²⁶).
 //! A row with no visible position must be exactly 0.
 //!
+//! # Precision profiles
+//! An implementation under test may round some stages narrower than f32 (ggml-vulkan's default
+//! build keeps the scaled q, the softmax weights and the output sums in f16). It declares a
+//! [`Precision`]: the type of the scaled q, of the q·k accumulator, of the weights and of the
+//! P·V accumulators. Each stage's unit roundoff (u_f32 = 2⁻²⁴, u_f16 = 2⁻¹¹, u_bf16 = 2⁻⁸) enters
+//! the derivation above where that stage's roundings were counted, and the rest keeps f32's u:
+//!
+//! - q rounded to a narrower type: each q_d·k_jd moves by u_q relative, so scores gain u_q·S;
+//!   the dot product's accumulator takes u_d in place of u in 1.: score error (D+2)·u_d·S + u_q·S
+//!   (and the softcap's evaluation (14c + 8S)·u_d).
+//! - weights stored narrower: each relative u_w, so 3. adds 2u_w·V; weights that underflow lose
+//!   up to half the smallest subnormal each, at most n of them against l ≥ 1: 2n·2⁻²⁵·V in f16.
+//! - accumulators narrower: 4. takes u_a, (2.04·n + 20)·u_a·V; sums that fall into the
+//!   subnormal range lose up to half the smallest subnormal per operation, (n + D)·2⁻²⁵ in f16,
+//!   added to the floor.
+//!
+//! With every stage f32 this is exactly the f32 bound above (a unit test checks it). The NMSE
+//! ceiling is the same for every profile. A narrow profile's element bound is loose (f16 sums
+//! over n terms allow n·2⁻¹¹ of V): there the NMSE ceiling does most of the judging.
+//!
 //! These are worst-case bounds; the NMSE ceiling is the one test-backend-ops uses for
 //! FLASH_ATTN_EXT (5e-4), so anything passing here also passes there. The NMSE counts only the
 //! error beyond what denormal flushing may lose (ABS_FLOOR): a device may flush f32 denormals
@@ -45,6 +65,8 @@
 //! flushed to 0 and a plain NMSE read 1.0), and an output made only of denormals has no relative
 //! accuracy to check. Mutants are caught by cases
 //! whose errors are orders of magnitude past the bound (see tests/mutants.rs), not by tuning it.
+
+use crate::kernels::Dtype;
 
 /// f32 unit roundoff.
 pub const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -61,7 +83,125 @@ pub fn denormal_floor(n: usize, head_dim: usize) -> f64 {
     (n + head_dim) as f64 * F32_MIN_NORMAL
 }
 
-/// Worst-case bound on |o − o_ref| for every element of one attention row.
+/// Unit roundoff of a storage or arithmetic type.
+fn unit(t: Dtype) -> f64 {
+    match t {
+        Dtype::F32 => U,
+        Dtype::F16 => 1.0 / 2048.0,
+        Dtype::Bf16 => 1.0 / 256.0,
+    }
+}
+
+/// Half the smallest subnormal: the most a value rounded to `t` loses in absolute terms when it
+/// underflows (f32's is covered by the denormal floor).
+fn underflow(t: Dtype) -> f64 {
+    match t {
+        Dtype::F32 => 0.0,
+        Dtype::F16 => 2f64.powi(-25),
+        Dtype::Bf16 => 2f64.powi(-134),
+    }
+}
+
+/// Where an attention kernel rounds, stage by stage (see the module notes, "Precision
+/// profiles"). Strict f32 is the default and vkdecode's own kernels keep it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "PrecisionDecl", into = "PrecisionDecl")]
+pub struct Precision {
+    /// The scaled query as the dot products read it.
+    pub q: Dtype,
+    /// The accumulator of q·k.
+    pub scores: Dtype,
+    /// The softmax weights as P·V reads them.
+    pub weights: Dtype,
+    /// The accumulators of Σ w·v and Σ w, and their rescaling.
+    pub accumulate: Dtype,
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Precision::F32
+    }
+}
+
+impl Precision {
+    /// Everything in f32.
+    pub const F32: Precision =
+        Precision { q: Dtype::F32, scores: Dtype::F32, weights: Dtype::F32, accumulate: Dtype::F32 };
+    /// f32 dot products, but the scaled query, the softmax weights and the output sums in f16
+    /// (ggml-vulkan's default flash-attention build on fp16 devices).
+    pub const F16_SOFTMAX: Precision =
+        Precision { q: Dtype::F16, scores: Dtype::F32, weights: Dtype::F16, accumulate: Dtype::F16 };
+
+    /// The named profiles, for manifests and reports.
+    pub const NAMED: [(&'static str, Precision); 2] =
+        [("f32", Precision::F32), ("f16_softmax", Precision::F16_SOFTMAX)];
+
+    /// The profile's name, or `custom`.
+    pub fn name(&self) -> &'static str {
+        Precision::NAMED.iter().find(|(_, p)| p == self).map_or("custom", |(n, _)| n)
+    }
+
+    /// The tolerance applied, in words.
+    pub fn describe(&self) -> &'static str {
+        if *self == Precision::F32 {
+            "worst-case f32 bound per element, NMSE <= 5e-4"
+        } else {
+            "worst-case bound of the declared precision profile per element, NMSE <= 5e-4"
+        }
+    }
+}
+
+/// A precision table as written: a named `profile` and per-stage overrides.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrecisionDecl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    q: Option<Dtype>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scores: Option<Dtype>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights: Option<Dtype>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accumulate: Option<Dtype>,
+}
+
+impl TryFrom<PrecisionDecl> for Precision {
+    type Error = String;
+    fn try_from(d: PrecisionDecl) -> Result<Self, String> {
+        let mut p = match d.profile.as_deref() {
+            None => Precision::F32,
+            Some(name) => Precision::NAMED.iter().find(|(n, _)| *n == name).map(|(_, p)| *p).ok_or_else(|| {
+                let known: Vec<_> = Precision::NAMED.iter().map(|(n, _)| *n).collect();
+                format!("unknown precision profile `{name}`; known: {}", known.join(", "))
+            })?,
+        };
+        p.q = d.q.unwrap_or(p.q);
+        p.scores = d.scores.unwrap_or(p.scores);
+        p.weights = d.weights.unwrap_or(p.weights);
+        p.accumulate = d.accumulate.unwrap_or(p.accumulate);
+        Ok(p)
+    }
+}
+
+impl From<Precision> for PrecisionDecl {
+    fn from(p: Precision) -> Self {
+        let named = Precision::NAMED.iter().find(|(_, n)| *n == p).map(|(name, _)| name.to_string());
+        match named {
+            Some(name) => PrecisionDecl { profile: Some(name), q: None, scores: None, weights: None, accumulate: None },
+            None => PrecisionDecl {
+                profile: None,
+                q: Some(p.q),
+                scores: Some(p.scores),
+                weights: Some(p.weights),
+                accumulate: Some(p.accumulate),
+            },
+        }
+    }
+}
+
+/// Worst-case bound on |o − o_ref| for every element of one attention row, in strict f32.
 ///
 /// `n` softmax terms (visible positions, plus one for a sink), `head_dim` D, `max_abs_qk` =
 /// scale·maxⱼ Σ|q_d·k_jd| over the visible positions, `max_abs_v` = V, and the softcap if any.
@@ -73,18 +213,71 @@ pub fn attention_element_bound(
     max_abs_v: f64,
     softcap: Option<f64>,
 ) -> f64 {
+    attention_element_bound_for(&Precision::F32, n, head_dim, max_abs_qk, max_abs_v, softcap)
+}
+
+/// [`attention_element_bound`] under a precision profile (module notes, "Precision profiles").
+pub fn attention_element_bound_for(
+    precision: &Precision,
+    n: usize,
+    head_dim: usize,
+    max_abs_qk: f64,
+    max_abs_v: f64,
+    softcap: Option<f64>,
+) -> f64 {
     if n == 0 {
         return 0.0;
     }
+    let narrower = |t: Dtype| if t == Dtype::F32 { 0.0 } else { unit(t) };
+    let (u_q, u_d, u_w, u_a) =
+        (narrower(precision.q), unit(precision.scores), narrower(precision.weights), unit(precision.accumulate));
     let n_f = n as f64;
     let d = head_dim as f64;
-    let score_error = (d + 2.0) * max_abs_qk + softcap.map_or(0.0, |c| 14.0 * c + 8.0 * max_abs_qk);
-    U * max_abs_v * (4.0 * score_error + 24.0 + 20.0 * n_f.ln() + 2.1 * n_f + 30.0) + denormal_floor(n, head_dim)
+    let score_error =
+        ((d + 2.0) * u_d + u_q) * max_abs_qk + softcap.map_or(0.0, |c| (14.0 * c + 8.0 * max_abs_qk) * u_d);
+    let weights = 2.0 * u_w + 2.0 * n_f * underflow(precision.weights);
+    let relative = 4.0 * score_error
+        + U * (24.0 + 20.0 * n_f.ln())
+        + weights
+        + u_a * (2.04 * n_f + 20.0)
+        + U * (0.06 * n_f + 10.0);
+    max_abs_v * relative + denormal_floor(n, head_dim) + (n + head_dim) as f64 * underflow(precision.accumulate)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_f32_profile_is_the_f32_bound() {
+        for (n, d, s, v, c) in
+            [(1, 64, 3.0, 1.0, None), (4096, 128, 7.0, 2.0, Some(30.0)), (20000, 256, 50.0, 1e3, None)]
+        {
+            let general = attention_element_bound_for(&Precision::F32, n, d, s, v, c);
+            let e = (d as f64 + 2.0) * s + c.map_or(0.0, |c| 14.0 * c + 8.0 * s);
+            let written =
+                U * v * (4.0 * e + 24.0 + 20.0 * (n as f64).ln() + 2.1 * n as f64 + 30.0) + denormal_floor(n, d);
+            assert!((general - written).abs() <= 1e-12 * written, "{general} vs {written}");
+        }
+    }
+
+    #[test]
+    fn narrower_profiles_allow_more() {
+        let f32 = attention_element_bound_for(&Precision::F32, 512, 128, 7.0, 1.0, None);
+        let f16 = attention_element_bound_for(&Precision::F16_SOFTMAX, 512, 128, 7.0, 1.0, None);
+        assert!(f16 > 10.0 * f32, "{f16} vs {f32}");
+    }
+
+    #[test]
+    fn profiles_parse_by_name_and_by_stage() {
+        let p: Precision = serde_json::from_str(r#"{"profile": "f16_softmax"}"#).unwrap();
+        assert_eq!(p, Precision::F16_SOFTMAX);
+        let p: Precision = serde_json::from_str(r#"{"profile": "f32", "weights": "bf16"}"#).unwrap();
+        assert_eq!(p, Precision { weights: Dtype::Bf16, ..Precision::F32 });
+        let e = serde_json::from_str::<Precision>(r#"{"profile": "fp8"}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown precision profile `fp8`"), "{e}");
+        assert_eq!(serde_json::to_string(&Precision::F16_SOFTMAX).unwrap(), r#"{"profile":"f16_softmax"}"#);
+    }
 
     #[test]
     fn empty_rows_must_be_exact() {

@@ -130,7 +130,10 @@ pub fn mismatch_text(kernel: &str, o: &Outcome) -> String {
 /// (a parameter or device limit the case does not meet, or a missing feature).
 pub fn is_fatal(error: &RunError) -> bool {
     let gpu = match error {
-        RunError::Param(_) | RunError::Kernel(KernelError::Param(_)) => return false,
+        RunError::Param(_)
+        | RunError::Kernel(KernelError::Param(_))
+        | RunError::NotImplemented { .. }
+        | RunError::Implementation { .. } => return false,
         RunError::Gpu(e) | RunError::Kernel(KernelError::Gpu(e)) => e,
     };
     !matches!(gpu, GpuError::MissingFeature { .. } | GpuError::Limit { .. })
