@@ -42,7 +42,7 @@ fn main() {
             let ident = name.replace('.', "_").to_uppercase();
             writeln!(
                 registry,
-                "pub static {ident}: Shader = Shader {{ name: {name:?}, spirv: include_bytes!({:?}) }};",
+                "pub static {ident}: Shader = Shader {{ name: Cow::Borrowed({name:?}), spirv: Cow::Borrowed(include_bytes!({:?})) }};",
                 spv.display()
             )
             .expect("write to String");

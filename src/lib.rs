@@ -11,6 +11,7 @@ pub mod engine;
 pub mod gpu;
 pub mod implementation;
 pub mod kernels;
+pub mod manifest;
 pub mod model;
 pub mod shaders;
 

@@ -19,11 +19,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vkdecode::cases::campaign::{Campaign, CampaignOptions, Kernels, Shard, ShrinkBudget, Step, case_sequence};
+use vkdecode::cases::campaign::{
+    Campaign, CampaignOptions, Kernels, Shard, ShrinkBudget, Step, UnderTest, case_sequence,
+};
 use vkdecode::cases::corpus::default_corpus_dir;
 use vkdecode::cases::rng::Rng;
 use vkdecode::gpu::ContextOptions;
 use vkdecode::kernels::Mutant;
+use vkdecode::manifest::Manifest;
 
 const AFTER_HELP: &str = "\
 Budget: --duration and --cases each end the campaign (whichever comes first); with neither it
@@ -110,6 +113,13 @@ struct Cli {
     /// Most shrink steps (device runs) for one failure
     #[arg(long, value_name = "N", default_value_t = 1000)]
     shrink_steps: u32,
+    /// Fuzz the kernel a SPIR-V manifest describes (docs/BYOK.md) instead of vkdecode's own; cases
+    /// are drawn inside its declared capabilities
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mutant", "mutants"])]
+    manifest: Option<PathBuf>,
+    /// With --manifest: run only this variant [default: the first that admits each case]
+    #[arg(long, value_name = "NAME", requires = "manifest")]
+    variant: Option<String>,
     /// Print the shard's first cases (--cases, default 20) as JSON lines instead of running them
     #[arg(long, conflicts_with_all = ["mutants", "duration"])]
     print_cases: bool,
@@ -298,6 +308,23 @@ fn print_cases(seed: u64, shard: Shard, cli: &Cli) -> ExitCode {
 
 fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
     let corpus = cli.corpus.clone().unwrap_or_else(default_corpus_dir);
+    let manifest = match cli.manifest.as_deref().map(Manifest::load).transpose() {
+        Ok(m) => m.map(Arc::new),
+        Err(e) => {
+            note(&format!("error: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let implementation = match &manifest {
+        None => None,
+        Some(m) => match m.kernel(cli.variant.as_deref()) {
+            Ok(k) => Some(UnderTest(Arc::new(k))),
+            Err(e) => {
+                note(&format!("error: {e}"));
+                return ExitCode::from(2);
+            }
+        },
+    };
     let options = CampaignOptions {
         seed,
         shard,
@@ -309,6 +336,7 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
         jobs: jobs(cli),
         max_cases: cli.cases,
         fail_fast: cli.fail_fast,
+        implementation,
     };
     let mut campaign = match Campaign::new(options) {
         Ok(c) => c,
@@ -317,6 +345,10 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Err(e)) = manifest.as_ref().map(|m| m.check_device(campaign.device())) {
+        note(&format!("error: {e}"));
+        return ExitCode::from(2);
+    }
     let budget = match (cli.duration, cli.cases) {
         (None, None) => "until interrupted".to_string(),
         (d, n) => [d.map(|d| format!("{:.0} s", d.as_secs_f64())), n.map(|n| format!("{n} cases"))]

@@ -74,6 +74,7 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
             jobs: jobs(cli),
             max_cases: Some(cli.mutant_cases),
             fail_fast: true,
+            implementation: None,
         };
         let mut campaign = Campaign::with_context(options, Arc::clone(&ctx));
         let began = Instant::now();

@@ -350,6 +350,7 @@ fn verdicts_with(jobs: usize, cases: u64) -> (Vec<(u64, u64, String)>, serde_jso
         jobs,
         max_cases: Some(cases),
         fail_fast: false,
+        implementation: None,
     };
     let mut campaign = Campaign::new(options).unwrap_or_else(|e| panic!("{e}"));
     let mut seen = Vec::new();

@@ -23,6 +23,7 @@ pub mod anchors;
 pub mod attention;
 pub mod bandwidth;
 pub mod decode;
+pub mod foreign;
 pub mod gate;
 pub mod plot;
 pub mod timing;

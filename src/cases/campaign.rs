@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use proptest::strategy::{BoxedStrategy, ValueTree};
+use proptest::strategy::{BoxedStrategy, Strategy, ValueTree};
 use proptest::test_runner::Config;
 
 use super::corpus::{CorpusError, write_case};
@@ -57,6 +57,7 @@ use super::run::{
     Outcome, RunError, attention_reference, check_attention, run_append, run_attention, run_attention_inputs,
 };
 use crate::gpu::{Context, ContextOptions, DeviceInfo, GpuError};
+use crate::implementation::Implementation;
 use crate::kernels::{KernelError, Mutant};
 use workers::{Ran, Report, Shared};
 
@@ -93,6 +94,39 @@ pub struct CampaignOptions {
     pub max_cases: Option<u64>,
     /// The owner stops at the first failure: workers take no case past a failing one.
     pub fail_fast: bool,
+    /// The implementation under test; `None`: vkdecode's own kernels (with `mutant`). Cases are
+    /// drawn inside its capabilities ([`crate::implementation::Capabilities::fit_attention`]).
+    pub implementation: Option<UnderTest>,
+}
+
+/// An implementation under test, shared by the workers.
+#[derive(Clone)]
+pub struct UnderTest(pub Arc<dyn Implementation>);
+
+impl std::fmt::Debug for UnderTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UnderTest({})", self.0.name())
+    }
+}
+
+/// The campaign's strategy: the mix of its kernels, mapped into the implementation's
+/// capabilities (a map, so shrinking stays inside them), the other kernels' cases dropped.
+pub fn campaign_strategy(options: &CampaignOptions) -> BoxedStrategy<FuzzCase> {
+    let Some(UnderTest(imp)) = &options.implementation else { return fuzz_case(options.kernels) };
+    let caps = imp.capabilities().clone();
+    let kernels = Kernels {
+        attention: options.kernels.attention && caps.kernels.contains(&crate::implementation::KernelKind::Attention),
+        kv_append: options.kernels.kv_append && caps.kernels.contains(&crate::implementation::KernelKind::KvAppend),
+    };
+    fuzz_case(kernels)
+        .prop_map(move |fc| FuzzCase {
+            origin: fc.origin,
+            case: match fc.case {
+                Case::Attention(c) => Case::Attention(caps.fit_attention(c)),
+                Case::KvAppend(c) => Case::KvAppend(caps.fit_append(c)),
+            },
+        })
+        .boxed()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +199,7 @@ fn classify(error: RunError) -> Verdict {
 /// Runs one case (with its forced split) on the device and judges it, adding each stage's time
 /// to `timings`. Validation-layer messages raised meanwhile fail it, as in `run_case`.
 pub fn run_fuzz_case(ctx: &Arc<Context>, fc: &FuzzCase, mutant: Option<Mutant>, timings: &mut Timings) -> Verdict {
-    run_guarded(ctx, fc, mutant, timings, &Mutex::new(()))
+    run_guarded(ctx, fc, mutant, None, timings, &Mutex::new(()))
 }
 
 /// [`run_fuzz_case`] with `exclusive` held, while the validation layer is on, from the case's
@@ -175,10 +209,25 @@ fn run_guarded(
     ctx: &Arc<Context>,
     fc: &FuzzCase,
     mutant: Option<Mutant>,
+    implementation: Option<&UnderTest>,
     timings: &mut Timings,
     exclusive: &Mutex<()>,
 ) -> Verdict {
     let exclusive = || ctx.validation_enabled().then(|| exclusive.lock().unwrap_or_else(PoisonError::into_inner));
+    if let Some(UnderTest(imp)) = implementation {
+        // A foreign implementation: the one judging path every implementation takes.
+        let guard = exclusive();
+        let start = Instant::now();
+        let judged = crate::implementation::judge_case(ctx, &**imp, &fc.case, None);
+        drop(guard);
+        timings.device += start.elapsed();
+        return match judged {
+            Err(e) => classify(e),
+            Ok(crate::implementation::Judged::Unsupported(reason)) => Verdict::Skip(format!("unsupported: {reason}")),
+            Ok(crate::implementation::Judged::Ran(o)) if o.passed => Verdict::Pass,
+            Ok(crate::implementation::Judged::Ran(o)) => Verdict::Mismatch(Box::new(o)),
+        };
+    }
     let (verdict, messages) = match &fc.case {
         Case::Attention(case) if case.fused => {
             // The fused cache check lives inside `run_attention` only: run it whole.
@@ -346,7 +395,7 @@ impl Campaign {
     /// The workers start with the first [`Campaign::next_step`].
     pub fn with_context(options: CampaignOptions, ctx: Arc<Context>) -> Campaign {
         Campaign {
-            strategy: fuzz_case(options.kernels),
+            strategy: campaign_strategy(&options),
             config: runner_config(),
             info: ctx.info().clone(),
             shared: Arc::new(Shared::new(options, ctx)),
@@ -513,7 +562,9 @@ impl Campaign {
     /// Runs one case on the owner's thread (shrinking), reopening the device after a device error.
     fn run_here(&self, fc: &FuzzCase, timings: &mut Timings) -> Result<Verdict, CampaignError> {
         let (epoch, ctx) = self.shared.device();
-        let verdict = run_guarded(&ctx, fc, self.options().mutant, timings, &self.shared.exclusive);
+        let options = self.options();
+        let verdict =
+            run_guarded(&ctx, fc, options.mutant, options.implementation.as_ref(), timings, &self.shared.exclusive);
         drop(ctx);
         if matches!(verdict, Verdict::DeviceError { .. }) {
             self.shared.reopen(epoch)?;

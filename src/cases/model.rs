@@ -34,6 +34,14 @@ impl Case {
         }
     }
 
+    /// The cache element type.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Case::Attention(c) => c.dtype,
+            Case::KvAppend(c) => c.dtype,
+        }
+    }
+
     pub fn description(&self) -> &str {
         match self {
             Case::Attention(c) => &c.description,

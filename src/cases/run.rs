@@ -32,6 +32,14 @@ pub enum RunError {
     /// The implementation under test was asked to run a kernel it does not have.
     #[error("implementation `{implementation}` has no {kernel} kernel")]
     NotImplemented { implementation: String, kernel: &'static str },
+    /// The implementation found at run time that it cannot take the case (no manifest variant
+    /// admits it): an unsupported outcome, not a failure.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A manifest's expression failed on this case (overflow, division by zero, a value out of
+    /// range): a fault of the manifest, not a verdict on the kernel.
+    #[error("manifest `{manifest}`: {message}")]
+    Manifest { manifest: String, message: String },
     /// The implementation under test failed in its own way (a manifest's pass, a foreign runtime).
     #[error("implementation `{implementation}`: {message}")]
     Implementation { implementation: String, message: String },
@@ -74,12 +82,20 @@ pub struct AttentionRun {
 }
 
 /// What the device produced for one attention call.
+#[derive(Clone, Debug)]
 pub struct AttentionGpu {
     pub out: Vec<f32>,
     /// Fused calls: the K and V caches after the kernel appended the new tokens.
     pub caches_after: Option<(Vec<u8>, Vec<u8>)>,
     /// The in-split merge's chunk counters after the call: every call must leave them zero.
     pub counters_after: Vec<u8>,
+}
+
+impl AttentionGpu {
+    /// An output alone: what an implementation under test without fused mode returns.
+    pub fn output(out: Vec<f32>) -> AttentionGpu {
+        AttentionGpu { out, caches_after: None, counters_after: Vec::new() }
+    }
 }
 
 /// One append run: the inputs and both caches after the GPU and the reference appends.

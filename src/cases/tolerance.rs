@@ -48,6 +48,8 @@
 //! - q rounded to a narrower type: each q_d·k_jd moves by u_q relative, so scores gain u_q·S;
 //!   the dot product's accumulator takes u_d in place of u in 1.: score error (D+2)·u_d·S + u_q·S
 //!   (and the softcap's evaluation (14c + 8S)·u_d).
+//! - K and V converted to a narrower type (an f32 cache read as f16): K adds u_kv·S to the scores
+//!   like q, and V moves the output by u_kv·V.
 //! - weights stored narrower: each relative u_w, so 3. adds 2u_w·V; weights that underflow lose
 //!   up to half the smallest subnormal each, at most n of them against l ≥ 1: 2n·2⁻²⁵·V in f16.
 //! - accumulators narrower: 4. takes u_a, (2.04·n + 20)·u_a·V; sums that fall into the
@@ -109,6 +111,8 @@ fn underflow(t: Dtype) -> f64 {
 pub struct Precision {
     /// The scaled query as the dot products read it.
     pub q: Dtype,
+    /// K and V as the kernel computes with them (an f32 cache read into f16 is rounded).
+    pub kv: Dtype,
     /// The accumulator of q·k.
     pub scores: Dtype,
     /// The softmax weights as P·V reads them.
@@ -126,11 +130,11 @@ impl Default for Precision {
 impl Precision {
     /// Everything in f32.
     pub const F32: Precision =
-        Precision { q: Dtype::F32, scores: Dtype::F32, weights: Dtype::F32, accumulate: Dtype::F32 };
+        Precision { q: Dtype::F32, kv: Dtype::F32, scores: Dtype::F32, weights: Dtype::F32, accumulate: Dtype::F32 };
     /// f32 dot products, but the scaled query, the softmax weights and the output sums in f16
     /// (ggml-vulkan's default flash-attention build on fp16 devices).
     pub const F16_SOFTMAX: Precision =
-        Precision { q: Dtype::F16, scores: Dtype::F32, weights: Dtype::F16, accumulate: Dtype::F16 };
+        Precision { q: Dtype::F16, kv: Dtype::F16, scores: Dtype::F32, weights: Dtype::F16, accumulate: Dtype::F16 };
 
     /// The named profiles, for manifests and reports.
     pub const NAMED: [(&'static str, Precision); 2] =
@@ -160,6 +164,8 @@ struct PrecisionDecl {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     q: Option<Dtype>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    kv: Option<Dtype>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     scores: Option<Dtype>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     weights: Option<Dtype>,
@@ -178,6 +184,7 @@ impl TryFrom<PrecisionDecl> for Precision {
             })?,
         };
         p.q = d.q.unwrap_or(p.q);
+        p.kv = d.kv.unwrap_or(p.kv);
         p.scores = d.scores.unwrap_or(p.scores);
         p.weights = d.weights.unwrap_or(p.weights);
         p.accumulate = d.accumulate.unwrap_or(p.accumulate);
@@ -189,10 +196,13 @@ impl From<Precision> for PrecisionDecl {
     fn from(p: Precision) -> Self {
         let named = Precision::NAMED.iter().find(|(_, n)| *n == p).map(|(name, _)| name.to_string());
         match named {
-            Some(name) => PrecisionDecl { profile: Some(name), q: None, scores: None, weights: None, accumulate: None },
+            Some(name) => {
+                PrecisionDecl { profile: Some(name), q: None, kv: None, scores: None, weights: None, accumulate: None }
+            }
             None => PrecisionDecl {
                 profile: None,
                 q: Some(p.q),
+                kv: Some(p.kv),
                 scores: Some(p.scores),
                 weights: Some(p.weights),
                 accumulate: Some(p.accumulate),
@@ -229,8 +239,13 @@ pub fn attention_element_bound_for(
         return 0.0;
     }
     let narrower = |t: Dtype| if t == Dtype::F32 { 0.0 } else { unit(t) };
-    let (u_q, u_d, u_w, u_a) =
-        (narrower(precision.q), unit(precision.scores), narrower(precision.weights), unit(precision.accumulate));
+    let (u_q, u_kv, u_d, u_w, u_a) = (
+        narrower(precision.q),
+        narrower(precision.kv),
+        unit(precision.scores),
+        narrower(precision.weights),
+        unit(precision.accumulate),
+    );
     let n_f = n as f64;
     let d = head_dim as f64;
     let score_error =
@@ -239,6 +254,7 @@ pub fn attention_element_bound_for(
     let relative = 4.0 * score_error
         + U * (24.0 + 20.0 * n_f.ln())
         + weights
+        + u_kv
         + u_a * (2.04 * n_f + 20.0)
         + U * (0.06 * n_f + 10.0);
     max_abs_v * relative + denormal_floor(n, head_dim) + (n + head_dim) as f64 * underflow(precision.accumulate)

@@ -20,6 +20,7 @@ use vkdecode::bench::attention::{
 use vkdecode::bench::bandwidth::{CopyBandwidth, default_copy_bytes, measure_copy};
 use vkdecode::bench::{MIB, Stats, TimingConfig};
 use vkdecode::gpu::{Context, registers};
+use vkdecode::implementation::Implementation as _;
 use vkdecode::kernels::Dtype;
 
 use super::report;
@@ -115,6 +116,13 @@ pub struct AttentionArgs {
     /// rotation)
     #[arg(long, value_name = "MIB", default_value_t = ASSUMED_LLC_BYTES / MIB)]
     llc_mib: u64,
+    /// Also time the kernel a SPIR-V manifest describes (docs/BYOK.md) at the same shapes, beside
+    /// vkdecode's (attention alone; shapes outside its capabilities are listed as unsupported)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["fused", "compare_fused"])]
+    manifest: Option<std::path::PathBuf>,
+    /// With --manifest: time only this variant [default: the first that admits each shape]
+    #[arg(long, value_name = "NAME", requires = "manifest")]
+    variant: Option<String>,
     /// Print one JSON object (device, settings, copy bandwidth, every row) instead of the table
     #[arg(long)]
     json: bool,
@@ -188,6 +196,14 @@ fn progress_bar(len: u64, hidden: bool) -> ProgressBar {
 fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish> {
     let dtype = Dtype::from(args.dtype);
     let ctx = global.open_context()?;
+    let foreign = match &args.manifest {
+        None => None,
+        Some(path) => {
+            let m = Arc::new(vkdecode::manifest::Manifest::load(path)?);
+            m.check_device(ctx.info())?;
+            Some(m.kernel(args.variant.as_deref())?)
+        }
+    };
     let plan = Plan::new(args, &ctx);
     let shapes: Vec<DecodeShape> = if args.shapes.is_empty() {
         if plan.quick { quick_shapes(dtype) } else { default_shapes(dtype) }
@@ -253,13 +269,40 @@ fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish
             }
         }
     }
+    let mut foreign_rows = Vec::new();
+    if let Some(kernel) = &foreign {
+        for shape in &shapes {
+            bar.set_message(format!("{} {}", shape.spec(), kernel.name()));
+            let m = vkdecode::bench::foreign::measure_manifest(&ctx, kernel, shape, &config, &mut tick);
+            match m {
+                Ok(row) => foreign_rows.push((shape.clone(), row)),
+                Err(e) => {
+                    bar.finish_and_clear();
+                    anyhow::bail!("{} at {}: {e}", kernel.name(), shape.spec());
+                }
+            }
+        }
+    }
     bar.finish_and_clear();
 
     if args.json {
-        let report = json_report(&ctx, &plan, &config, &copy, &rows, args.compare_fused);
+        let mut report = json_report(&ctx, &plan, &config, &copy, &rows, args.compare_fused);
+        if let Some(kernel) = &foreign {
+            report["implementation_under_test"] = json!({
+                "name": kernel.name(),
+                "rows": foreign_rows.iter().map(|(shape, r)| match r {
+                    Ok(m) => json!({ "shape": shape.spec(), "measurement": m, "gbps": m.gbps() }),
+                    Err(reason) => json!({ "shape": shape.spec(), "unsupported": reason }),
+                }).collect::<Vec<_>>(),
+            });
+        }
         emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
-        emit(&render(&ctx, &plan, &config, &copy, &rows, args.compare_fused))?;
+        let mut text = render(&ctx, &plan, &config, &copy, &rows, args.compare_fused);
+        if let Some(kernel) = &foreign {
+            text.push_str(&render_foreign(kernel.name(), &rows, &foreign_rows, copy.shader_gbps()));
+        }
+        emit(&text)?;
     }
     check_validation(&ctx)?;
     Ok(Finish::AllAsExpected)
@@ -395,6 +438,51 @@ fn render(
 }
 
 /// The three modes of each shape side by side, then the bound at kv 4096.
+/// vkdecode's attention beside the implementation under test, shape by shape.
+fn render_foreign(
+    name: &str,
+    rows: &[AttentionMeasurement],
+    foreign: &[(DecodeShape, Result<vkdecode::bench::foreign::ForeignMeasurement, String>)],
+    copy_gbps: f64,
+) -> String {
+    let mut table = Table::new(&[
+        ("shape", Align::Left),
+        ("vkdecode µs", Align::Right),
+        ("under test µs", Align::Right),
+        ("under test / vkdecode", Align::Right),
+        ("under test GB/s", Align::Right),
+        ("of copy bw", Align::Right),
+        ("ggml anchor µs", Align::Right),
+    ]);
+    let mut unsupported = Vec::new();
+    for (shape, r) in foreign {
+        let ours = rows.iter().find(|m| &m.shape == shape && m.mode == Mode::Attention);
+        let ours_ns = ours.map_or(f64::NAN, |m| m.timing.per_call.median_ns);
+        match r {
+            Ok(m) => {
+                let ns = m.timing.per_call.median_ns;
+                table.row(vec![
+                    shape.spec(),
+                    us(ours_ns),
+                    us(ns),
+                    format!("{:.2}×", ns / ours_ns),
+                    num(m.gbps()),
+                    percent(m.gbps() / copy_gbps),
+                    ggml_us(shape),
+                ]);
+            }
+            Err(reason) => unsupported.push(format!("    {}: {reason}\n", shape.spec())),
+        }
+    }
+    let mut out = format!("\nimplementation under test: {name} (attention alone, the same method)\n");
+    out.push_str(&table.render());
+    if !unsupported.is_empty() {
+        out.push_str("unsupported:\n");
+        out.extend(unsupported);
+    }
+    out
+}
+
 fn render_comparison(rows: &[AttentionMeasurement], copy_gbps: f64) -> String {
     let mut table = Table::new(&[
         ("shape", Align::Left),

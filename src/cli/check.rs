@@ -8,11 +8,15 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
+use std::sync::Arc;
 use vkdecode::cases::Case;
 use vkdecode::cases::corpus::{default_corpus_dir, load_corpus};
 use vkdecode::cases::grid::grid;
-use vkdecode::cases::run_case;
+
+use vkdecode::cases::RunError;
+use vkdecode::implementation::{Builtin, Expectations, HarnessMutant, Implementation, Judged, judge_case};
 use vkdecode::kernels::Mutant;
+use vkdecode::manifest::Manifest;
 
 use super::report::{self, CaseResult, Verdict};
 use super::table::{Align, Table, num};
@@ -37,9 +41,49 @@ pub struct CheckArgs {
     /// run; failures are then what the suite should show)
     #[arg(long, value_name = "NAME", value_parser = parse_mutant)]
     mutant: Option<Mutant>,
+    /// Judge the kernel a SPIR-V manifest describes instead of vkdecode's own (docs/BYOK.md);
+    /// cases outside its capabilities are counted as unsupported
+    #[arg(long, value_name = "FILE", conflicts_with = "mutant")]
+    manifest: Option<PathBuf>,
+    /// With --manifest: run only this variant (others' cases are unsupported) [default: the
+    /// first variant that admits each case]
+    #[arg(long, value_name = "NAME", requires = "manifest")]
+    variant: Option<String>,
+    /// Verdicts known in advance: a TOML `[fail]` table of `"case name" = "reason"`; those cases
+    /// must fail
+    #[arg(long, value_name = "FILE")]
+    expect: Option<PathBuf>,
+    /// Feed the kernel deliberately wrong inputs (length_off_by_one, swap_kv_heads, drop_sinks)
+    /// while the reference keeps the right ones: the check must fail
+    #[arg(long, value_name = "NAME", value_parser = parse_harness_mutant)]
+    harness_mutant: Option<HarnessMutant>,
     /// Print one JSON object (device, per-case results, totals) instead of the table
     #[arg(long)]
     json: bool,
+}
+
+fn parse_harness_mutant(name: &str) -> Result<HarnessMutant, String> {
+    HarnessMutant::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| {
+        let known: Vec<_> = HarnessMutant::ALL.iter().map(|m| m.name()).collect();
+        format!("unknown harness mutant `{name}`; known: {}", known.join(", "))
+    })
+}
+
+/// The implementation under test: a manifest's kernel or vkdecode's own (with its mutant).
+pub fn implementation(
+    manifest: Option<&std::path::Path>,
+    variant: Option<&str>,
+    mutant: Option<Mutant>,
+    info: &vkdecode::gpu::DeviceInfo,
+) -> anyhow::Result<Arc<dyn Implementation>> {
+    Ok(match manifest {
+        None => Arc::new(Builtin::with_mutant(mutant)),
+        Some(path) => {
+            let m = Arc::new(Manifest::load(path)?);
+            m.check_device(info)?;
+            Arc::new(m.kernel(variant)?)
+        }
+    })
 }
 
 /// The cases to run, in report order: the corpus (sorted by name), then the grid.
@@ -86,7 +130,12 @@ fn progress_bar(len: usize, quiet: bool) -> ProgressBar {
 
 pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
     let cases = select_cases(args)?;
+    let expectations = match &args.expect {
+        Some(path) => Expectations::load(path).map_err(anyhow::Error::msg)?,
+        None => Expectations::default(),
+    };
     let ctx = global.open_context()?;
+    let imp = implementation(args.manifest.as_deref(), args.variant.as_deref(), args.mutant, ctx.info())?;
     if let Some(m) = args.mutant
         && !args.json
     {
@@ -100,11 +149,25 @@ pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
     let mut results = Vec::with_capacity(cases.len());
     for (name, case) in cases {
         bar.set_message(name.clone());
-        let ran =
-            report::judge(name.clone(), &case, args.mutant, || run_case(&ctx, &case, args.mutant).map(|o| (o, ())));
+        let ran = report::judge(name.clone(), &case, args.mutant, || {
+            let judged = match args.harness_mutant {
+                Some(h) if !h.applies(&case) => {
+                    return Err(RunError::Unsupported(format!("{} does not apply", h.name())));
+                }
+                h => judge_case(&ctx, &*imp, &case, h)?,
+            };
+            match judged {
+                Judged::Ran(outcome) => Ok((outcome, ())),
+                Judged::Unsupported(reason) => Err(RunError::Unsupported(reason)),
+            }
+        });
         match ran {
-            Ok((result, _)) => {
-                if !result.verdict().as_expected() {
+            Ok((mut result, _)) => {
+                let known = [name.clone(), format!("corpus/{name}")];
+                if known.iter().any(|n| expectations.fail.contains_key(n)) {
+                    result.expected = vkdecode::cases::Expect::Fail;
+                }
+                if !result.verdict().as_expected() && result.verdict() != Verdict::Unsupported {
                     bar.println(format!("{}: {}", result.verdict().label(), result.name));
                 }
                 results.push(result);
@@ -128,6 +191,8 @@ pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
             "device": info,
             "validation": ctx.validation_enabled(),
             "mutant": args.mutant.map(Mutant::name),
+            "implementation": imp.name(),
+            "harness_mutant": args.harness_mutant.map(HarnessMutant::name),
             "results": results.iter().map(CaseResult::to_json).collect::<Vec<_>>(),
             "totals": report::totals_json(&results),
         });
@@ -136,6 +201,10 @@ pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
         note(&report::summary_line(&results));
     } else {
         let mut text = report::device_line(info, ctx.validation_enabled(), args.mutant);
+        text.push_str(&format!("; implementation {}", imp.name()));
+        if let Some(h) = args.harness_mutant {
+            text.push_str(&format!("; harness mutant {}", h.name()));
+        }
         text.push_str("\n\n");
         text.push_str(&render(&results));
         emit(&text)?;
@@ -183,6 +252,13 @@ fn render(results: &[CaseResult]) -> String {
             for line in details.lines() {
                 out.push_str(&format!("    {line}\n"));
             }
+        }
+    }
+    let unsupported: Vec<_> = results.iter().filter_map(|r| r.unsupported.as_ref().map(|why| (&r.name, why))).collect();
+    if !unsupported.is_empty() {
+        out.push_str("\nunsupported (outside the implementation's capabilities; not failures):\n");
+        for (name, why) in unsupported {
+            out.push_str(&format!("    {name}: {why}\n"));
         }
     }
     let expected_fails = results.iter().filter(|r| r.verdict() == Verdict::ExpectedFail).count();

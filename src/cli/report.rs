@@ -23,6 +23,8 @@ pub enum Verdict {
     UnexpectedPass,
     /// Could not run on this device (a parameter or limit the device does not meet).
     Error,
+    /// Outside the implementation's declared capabilities: listed and counted, not a failure.
+    Unsupported,
 }
 
 impl Verdict {
@@ -33,6 +35,7 @@ impl Verdict {
             Verdict::ExpectedFail => "expected-fail",
             Verdict::UnexpectedPass => "UNEXPECTED PASS",
             Verdict::Error => "ERROR",
+            Verdict::Unsupported => "unsupported",
         }
     }
 
@@ -53,12 +56,15 @@ pub struct CaseResult {
     pub outcome: Option<Outcome>,
     /// Why the case could not run (then `outcome` is `None`).
     pub error: Option<String>,
+    /// Why the implementation does not support the case (then `outcome` is `None`).
+    pub unsupported: Option<String>,
     pub ms: f64,
 }
 
 impl CaseResult {
     pub fn verdict(&self) -> Verdict {
         match (&self.outcome, self.expected) {
+            (None, _) if self.unsupported.is_some() => Verdict::Unsupported,
             (None, _) => Verdict::Error,
             (Some(o), Expect::Pass) if o.passed => Verdict::Ok,
             (Some(_), Expect::Pass) => Verdict::Fail,
@@ -112,6 +118,7 @@ impl CaseResult {
             "ms": self.ms,
             "outcome": self.outcome,
             "error": self.error,
+            "unsupported": self.unsupported,
         })
     }
 }
@@ -133,17 +140,17 @@ pub fn is_fatal(error: &RunError) -> bool {
         RunError::Param(_)
         | RunError::Kernel(KernelError::Param(_))
         | RunError::NotImplemented { .. }
+        | RunError::Unsupported(_)
         | RunError::Implementation { .. } => return false,
+        // A manifest's expression failed: the run cannot go on meaningfully (exit 2).
+        RunError::Manifest { .. } => return true,
         RunError::Gpu(e) | RunError::Kernel(KernelError::Gpu(e)) => e,
     };
     !matches!(gpu, GpuError::MissingFeature { .. } | GpuError::Limit { .. })
 }
 
 pub fn dtype_of(case: &Case) -> Dtype {
-    match case {
-        Case::Attention(c) => c.dtype,
-        Case::KvAppend(c) => c.dtype,
-    }
+    case.dtype()
 }
 
 /// The mutant if it belongs to the case's kernel (otherwise the clean kernel runs).
@@ -172,12 +179,17 @@ pub fn judge<T>(
         mutant: applicable(case, mutant),
         outcome: None,
         error: None,
+        unsupported: None,
         ms,
     };
     match ran {
         Ok((outcome, extra)) => {
             result.outcome = Some(outcome);
             Ok((result, Some(extra)))
+        }
+        Err(RunError::Unsupported(reason)) => {
+            result.unsupported = Some(reason);
+            Ok((result, None))
         }
         Err(e) if !is_fatal(&e) => {
             result.error = Some(e.to_string());
@@ -187,21 +199,31 @@ pub fn judge<T>(
     }
 }
 
-/// Totals as the final report line gives them: cases as expected, cases not.
+/// Totals as the final report line gives them: cases as expected, cases not (unsupported cases
+/// are neither).
 pub fn totals(results: &[CaseResult]) -> (usize, usize) {
+    let unsupported = unsupported(results);
     let passed = results.iter().filter(|r| r.verdict().as_expected()).count();
-    (passed, results.len() - passed)
+    (passed, results.len() - passed - unsupported)
 }
 
-/// The last line of every human report; CI parses this exact wording.
+fn unsupported(results: &[CaseResult]) -> usize {
+    results.iter().filter(|r| r.verdict() == Verdict::Unsupported).count()
+}
+
+/// The last line of every human report; CI parses this exact wording (`, N skipped` counts the
+/// cases outside the implementation's capabilities).
 pub fn summary_line(results: &[CaseResult]) -> String {
     let (passed, failed) = totals(results);
-    format!("{passed} passed, {failed} failed")
+    match unsupported(results) {
+        0 => format!("{passed} passed, {failed} failed"),
+        n => format!("{passed} passed, {failed} failed, {n} skipped"),
+    }
 }
 
 pub fn totals_json(results: &[CaseResult]) -> Value {
     let (passed, failed) = totals(results);
-    json!({ "passed": passed, "failed": failed, "total": results.len() })
+    json!({ "passed": passed, "failed": failed, "unsupported": unsupported(results), "total": results.len() })
 }
 
 /// One line naming the device and the run's options.
@@ -243,6 +265,7 @@ mod tests {
                 detail: None,
             }),
             error: passed.is_none().then(|| "no".to_string()),
+            unsupported: None,
             ms: 0.0,
         }
     }

@@ -50,6 +50,15 @@ pub struct DeviceInfo {
     pub storage_buffer_16bit: bool,
     pub shader_float16: bool,
     pub shader_int16: bool,
+    pub shader_int8: bool,
+    pub storage_buffer_8bit: bool,
+    /// Subgroup operations on 8/16/64-bit types (shaderSubgroupExtendedTypes).
+    pub subgroup_extended_types: bool,
+    /// A pipeline may require a subgroup size (Vulkan 1.3 subgroupSizeControl, compute stage).
+    pub subgroup_size_control: bool,
+    pub compute_full_subgroups: bool,
+    pub min_subgroup_size: u32,
+    pub max_subgroup_size: u32,
     pub max_storage_buffer_range: u64,
     pub max_compute_shared_memory: u32,
     pub max_workgroup_invocations: u32,
@@ -454,8 +463,16 @@ fn enumerate(instance: &ash::Instance) -> Result<Vec<Candidate>> {
         }
         let mut f11 = vk::PhysicalDeviceVulkan11Features::default();
         let mut f12 = vk::PhysicalDeviceVulkan12Features::default();
+        let mut f13 = vk::PhysicalDeviceVulkan13Features::default();
+        let mut p13 = vk::PhysicalDeviceVulkan13Properties::default();
         let mut executable = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default();
         let mut features2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f11).push_next(&mut f12);
+        // Vulkan 1.3 structures only on 1.3 devices (the instance asks for 1.3 where it can).
+        let v13 = props.api_version >= vk::API_VERSION_1_3;
+        if v13 {
+            features2 = features2.push_next(&mut f13);
+            props2 = props2.push_next(&mut p13);
+        }
         let executable_listed = has(ash::khr::pipeline_executable_properties::NAME);
         if executable_listed {
             features2 = features2.push_next(&mut executable);
@@ -495,6 +512,15 @@ fn enumerate(instance: &ash::Instance) -> Result<Vec<Candidate>> {
             storage_buffer_16bit: f11.storage_buffer16_bit_access == vk::TRUE,
             shader_float16: f12.shader_float16 == vk::TRUE,
             shader_int16,
+            shader_int8: f12.shader_int8 == vk::TRUE,
+            storage_buffer_8bit: f12.storage_buffer8_bit_access == vk::TRUE,
+            subgroup_extended_types: f12.shader_subgroup_extended_types == vk::TRUE,
+            subgroup_size_control: v13
+                && f13.subgroup_size_control == vk::TRUE
+                && p13.required_subgroup_size_stages.contains(vk::ShaderStageFlags::COMPUTE),
+            compute_full_subgroups: v13 && f13.compute_full_subgroups == vk::TRUE,
+            min_subgroup_size: if v13 { p13.min_subgroup_size } else { subgroup.subgroup_size },
+            max_subgroup_size: if v13 { p13.max_subgroup_size } else { subgroup.subgroup_size },
             max_storage_buffer_range: u64::from(l.max_storage_buffer_range),
             max_compute_shared_memory: l.max_compute_shared_memory_size,
             max_workgroup_invocations: l.max_compute_work_group_invocations,
@@ -542,9 +568,21 @@ fn create_device(instance: &ash::Instance, chosen: &Candidate) -> Result<ash::De
         [vk::DeviceQueueCreateInfo::default().queue_family_index(chosen.queue_family).queue_priorities(&priorities)];
     let info = &chosen.info;
     let mut f11 = vk::PhysicalDeviceVulkan11Features::default().storage_buffer16_bit_access(info.storage_buffer_16bit);
-    let mut f12 = vk::PhysicalDeviceVulkan12Features::default().shader_float16(info.shader_float16);
+    // Features third-party shaders need too (ggml's flash attention: int8, subgroup extended
+    // types, a required subgroup size with full subgroups), enabled wherever offered.
+    let mut f12 = vk::PhysicalDeviceVulkan12Features::default()
+        .shader_float16(info.shader_float16)
+        .shader_int8(info.shader_int8)
+        .storage_buffer8_bit_access(info.storage_buffer_8bit)
+        .shader_subgroup_extended_types(info.subgroup_extended_types);
+    let mut f13 = vk::PhysicalDeviceVulkan13Features::default()
+        .subgroup_size_control(info.subgroup_size_control)
+        .compute_full_subgroups(info.compute_full_subgroups);
     let core = vk::PhysicalDeviceFeatures::default().shader_int16(info.shader_int16);
     let mut features2 = vk::PhysicalDeviceFeatures2::default().features(core).push_next(&mut f11).push_next(&mut f12);
+    if info.subgroup_size_control || info.compute_full_subgroups {
+        features2 = features2.push_next(&mut f13);
+    }
     let mut executable =
         vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default().pipeline_executable_info(true);
     let extensions = [ash::khr::pipeline_executable_properties::NAME.as_ptr()];

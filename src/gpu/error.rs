@@ -40,7 +40,7 @@ pub enum GpuError {
     Dispatch { label: String, what: String },
     #[error("embedded SPIR-V of `{name}` is malformed: {source}")]
     Spirv {
-        name: &'static str,
+        name: String,
         #[source]
         source: std::io::Error,
     },

@@ -15,4 +15,4 @@ pub use buffer::{Buffer, Location};
 pub use command::{Completed, Counters, MAX_TIMESTAMPS, Program, Recorder};
 pub use context::{Context, ContextOptions, DeviceInfo, list_devices};
 pub use error::{GpuError, Result};
-pub use pipeline::{Pipeline, PipelineDesc, PipelineStatistic, Shader, registers};
+pub use pipeline::{Pipeline, PipelineDesc, PipelineStatistic, Shader, SubgroupControl, registers};

@@ -4,6 +4,7 @@
 //! a pipeline is fully described by its shader, binding count, push-constant size and the
 //! specialization constants. Pipelines live as long as their context (destroyed in its `Drop`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ash::vk;
@@ -11,18 +12,29 @@ use ash::vk;
 use super::context::Context;
 use super::error::{GpuError, Result, VkContext};
 
-/// A compiled shader embedded at build time (see build.rs and [`crate::shaders`]).
+/// A compiled shader: embedded at build time (see build.rs and [`crate::shaders`]) or loaded at
+/// run time (a manifest's SPIR-V file). The name keys the pipeline cache, so a loaded shader's
+/// name carries a hash of its bytes.
 #[derive(Debug)]
 pub struct Shader {
     /// `file.variant`, e.g. `attention.f16`.
-    pub name: &'static str,
-    pub spirv: &'static [u8],
+    pub name: Cow<'static, str>,
+    pub spirv: Cow<'static, [u8]>,
+}
+
+/// Subgroup requirements of a pipeline (VK_EXT_subgroup_size_control, core in Vulkan 1.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SubgroupControl {
+    /// Run with exactly this subgroup size.
+    pub required_size: Option<u32>,
+    /// Every subgroup of a workgroup is full (the workgroup's x size a multiple of the size).
+    pub full_subgroups: bool,
 }
 
 /// Everything that makes a pipeline.
 #[derive(Clone, Debug)]
 pub struct PipelineDesc<'a> {
-    pub shader: &'static Shader,
+    pub shader: &'a Shader,
     /// Number of storage buffers, bound at set 0, bindings 0..bindings.
     pub bindings: u32,
     /// Size of the push-constant block in bytes (a multiple of 4, at most 128).
@@ -33,22 +45,25 @@ pub struct PipelineDesc<'a> {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PipelineKey {
-    name: &'static str,
+    name: String,
+    /// Where the SPIR-V lives and its length: two shaders that share a name never share a pipeline.
+    spirv: (usize, usize),
     spec: Vec<(u32, u32)>,
+    subgroup: SubgroupControl,
 }
 
 pub struct Pipeline {
     pub(crate) raw: vk::Pipeline,
     pub(crate) layout: vk::PipelineLayout,
     pub(crate) set_layout: vk::DescriptorSetLayout,
-    pub(crate) name: &'static str,
+    pub(crate) name: String,
     pub(crate) bindings: u32,
     pub(crate) push_constant_bytes: u32,
 }
 
 impl Pipeline {
-    pub fn name(&self) -> &'static str {
-        self.name
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// # Safety
@@ -112,20 +127,51 @@ impl Context {
 
     /// The pipeline for `desc`, created on first use and cached for the life of the context.
     pub fn pipeline(&self, desc: &PipelineDesc<'_>) -> Result<Arc<Pipeline>> {
-        let key = PipelineKey { name: desc.shader.name, spec: desc.spec.to_vec() };
+        self.pipeline_with(desc, SubgroupControl::default())
+    }
+
+    /// [`Context::pipeline`] with subgroup requirements; a requirement the device cannot meet is
+    /// [`GpuError::MissingFeature`] naming it.
+    pub fn pipeline_with(&self, desc: &PipelineDesc<'_>, subgroup: SubgroupControl) -> Result<Arc<Pipeline>> {
+        self.check_subgroup_control(desc.shader, subgroup)?;
+        let spirv = (desc.shader.spirv.as_ptr() as usize, desc.shader.spirv.len());
+        let key = PipelineKey { name: desc.shader.name.to_string(), spirv, spec: desc.spec.to_vec(), subgroup };
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
-        let p = Arc::new(self.create_pipeline(desc)?);
+        let p = Arc::new(self.create_pipeline(desc, subgroup)?);
         cache.insert(key, p.clone());
         Ok(p)
     }
 
-    fn create_pipeline(&self, desc: &PipelineDesc<'_>) -> Result<Pipeline> {
-        let name = desc.shader.name;
-        let words = ash::util::read_spv(&mut std::io::Cursor::new(desc.shader.spirv))
-            .map_err(|source| GpuError::Spirv { name, source })?;
+    fn check_subgroup_control(&self, shader: &Shader, subgroup: SubgroupControl) -> Result<()> {
+        let info = self.info();
+        let missing = |feature: &'static str| {
+            Err(GpuError::MissingFeature {
+                device: info.name.clone(),
+                feature,
+                needed_for: format!("shader `{}`", shader.name),
+            })
+        };
+        if let Some(size) = subgroup.required_size {
+            if !info.subgroup_size_control {
+                return missing("subgroupSizeControl (a required subgroup size)");
+            }
+            if !size.is_power_of_two() || size < info.min_subgroup_size || size > info.max_subgroup_size {
+                return missing("a required subgroup size within minSubgroupSize..=maxSubgroupSize");
+            }
+        }
+        if subgroup.full_subgroups && !info.compute_full_subgroups {
+            return missing("computeFullSubgroups");
+        }
+        Ok(())
+    }
+
+    fn create_pipeline(&self, desc: &PipelineDesc<'_>, subgroup: SubgroupControl) -> Result<Pipeline> {
+        let name = desc.shader.name.to_string();
+        let words = ash::util::read_spv(&mut std::io::Cursor::new(&desc.shader.spirv[..]))
+            .map_err(|source| GpuError::Spirv { name: name.clone(), source })?;
         let device = &self.device;
         let bindings: Vec<_> = (0..desc.bindings)
             .map(|i| {
@@ -182,11 +228,19 @@ impl Context {
             .collect();
         let data: Vec<u8> = desc.spec.iter().flat_map(|&(_, v)| v.to_le_bytes()).collect();
         let spec = vk::SpecializationInfo::default().map_entries(&entries).data(&data);
-        let stage = vk::PipelineShaderStageCreateInfo::default()
+        let mut required = vk::PipelineShaderStageRequiredSubgroupSizeCreateInfo::default()
+            .required_subgroup_size(subgroup.required_size.unwrap_or(0));
+        let mut stage = vk::PipelineShaderStageCreateInfo::default()
             .stage(vk::ShaderStageFlags::COMPUTE)
             .module(module)
             .name(c"main")
             .specialization_info(&spec);
+        if subgroup.required_size.is_some() {
+            stage = stage.push_next(&mut required);
+        }
+        if subgroup.full_subgroups {
+            stage = stage.flags(vk::PipelineShaderStageCreateFlags::REQUIRE_FULL_SUBGROUPS);
+        }
         let mut info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(layout);
         if self.executable_properties.is_some() {
             info = info.flags(vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR);
@@ -206,8 +260,8 @@ impl Context {
                 return Err(GpuError::Vk { call: "vkCreateComputePipelines", result });
             }
         };
-        self.set_name(raw, name);
-        self.set_name(layout, name);
+        self.set_name(raw, &name);
+        self.set_name(layout, &name);
         Ok(Pipeline {
             raw,
             layout,

@@ -18,12 +18,16 @@ pub mod suite;
 use std::sync::Arc;
 
 pub use builtin::Builtin;
+// What an implementation works with, in one place.
+pub use crate::cases::data::{AppendInputs, AttentionInputs};
+pub use crate::cases::model::LayoutKind;
+pub use crate::cases::run::{AttentionGpu, Outcome, RunError};
+pub use crate::cases::tolerance::Precision;
+pub use crate::kernels::{CacheLayout, Dtype};
 pub use capabilities::{AttentionOption, Capabilities, HeadDims, KernelKind, SlotContract, Unsupported};
 pub use suite::{Expectations, Suite};
 
-use crate::cases::data::{AppendInputs, AttentionInputs};
 use crate::cases::model::Case;
-use crate::cases::run::{AttentionGpu, Outcome, RunError};
 use crate::gpu::Context;
 
 /// The caches an append left behind.
@@ -151,9 +155,16 @@ pub fn judge_case(
     if let Err(Unsupported(reason)) = caps.admits(case) {
         return Ok(Judged::Unsupported(reason));
     }
-    let mut outcome = match case {
-        Case::Attention(c) => crate::cases::run::run_attention_with(ctx, imp, c, harness)?.0,
-        Case::KvAppend(c) => crate::cases::run::run_append_with(ctx, imp, c)?.0,
+    let ran = match case {
+        Case::Attention(c) => crate::cases::run::run_attention_with(ctx, imp, c, harness).map(|r| r.0),
+        Case::KvAppend(c) => crate::cases::run::run_append_with(ctx, imp, c).map(|r| r.0),
+    };
+    let mut outcome = match ran {
+        Err(RunError::Unsupported(reason)) => {
+            ctx.take_validation_messages();
+            return Ok(Judged::Unsupported(reason));
+        }
+        other => other?,
     };
     let messages = ctx.take_validation_messages();
     if !messages.is_empty() {

@@ -28,6 +28,9 @@ use crate::cases::model::{Case, Expect};
 use crate::cases::strategy::{append_case, attention_case};
 use crate::gpu::Context;
 
+/// Which named cases run by default (see [`Suite::by_default`]).
+type CaseFilter = dyn Fn(&str, &Case) -> bool;
+
 /// Verdicts known in advance, by trial name: `fail` with the reason it fails.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +56,9 @@ pub struct Suite {
     property_cases: u32,
     harness_mutants: bool,
     expectations: Expectations,
+    prefix: String,
+    max_case_work: Option<usize>,
+    by_default: Option<Box<CaseFilter>>,
     context: fn() -> Result<Arc<Context>, String>,
 }
 
@@ -67,8 +73,45 @@ impl Suite {
             property_cases: 32,
             harness_mutants: true,
             expectations: Expectations::default(),
+            prefix: String::new(),
+            max_case_work: None,
+            by_default: None,
             context: Context::shared,
         }
+    }
+
+    /// Prefixes every trial name (`<prefix>/grid/...`), for several implementations in one target.
+    /// Expectations name trials without it.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Suite {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Named attention cases whose work ([`crate::cases::strategy::attention_work`]) exceeds
+    /// `max` become ignored trials of kind `over-budget` (listed; `--include-ignored` runs them):
+    /// for slow devices such as lavapipe running a foreign kernel.
+    pub fn max_case_work(mut self, max: Option<usize>) -> Suite {
+        self.max_case_work = max;
+        self
+    }
+
+    /// Runs by default only the named cases `keep` accepts; the others become `over-budget`
+    /// ignored trials, like those past [`Suite::max_case_work`].
+    pub fn by_default(mut self, keep: impl Fn(&str, &Case) -> bool + 'static) -> Suite {
+        self.by_default = Some(Box::new(keep));
+        self
+    }
+
+    fn over_budget(&self, name: &str, case: &Case) -> bool {
+        let heavy = match (case, self.max_case_work) {
+            (Case::Attention(c), Some(max)) => crate::cases::strategy::attention_work(c) > max,
+            _ => false,
+        };
+        heavy || self.by_default.as_ref().is_some_and(|keep| !keep(name, case))
+    }
+
+    fn named(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
     }
 
     /// Also replay every case file under `dir` (`attention/*.json`, `kv_append/*.json`).
@@ -118,7 +161,7 @@ impl Suite {
         let cases = match self.named_cases() {
             Ok(cases) => cases,
             Err(message) => {
-                trials.push(Trial::test("corpus/load", move || Err(message.into())));
+                trials.push(Trial::test(self.named("corpus/load"), move || Err(message.into())));
                 Vec::new()
             }
         };
@@ -127,8 +170,18 @@ impl Suite {
             let expect_fail = self.expectations.fail.get(name).cloned();
             let kind = case.kernel();
             match caps.admits(case) {
+                Ok(()) if self.over_budget(name, case) => {
+                    let (imp, case, context) = (self.implementation.clone(), case.clone(), self.context);
+                    trials.push(
+                        Trial::test(self.named(name), move || {
+                            case_trial(&*imp, &case, expect_fail.as_deref(), context)
+                        })
+                        .with_kind("over-budget")
+                        .with_ignored_flag(true),
+                    );
+                }
                 Err(reason) => trials.push(
-                    Trial::test(name.clone(), move || {
+                    Trial::test(self.named(name), move || {
                         eprintln!("{reason}");
                         Ok(())
                     })
@@ -138,20 +191,22 @@ impl Suite {
                 Ok(()) => {
                     let (imp, case, context) = (self.implementation.clone(), case.clone(), self.context);
                     trials.push(
-                        Trial::test(name.clone(), move || case_trial(&*imp, &case, expect_fail.as_deref(), context))
-                            .with_kind(kind),
+                        Trial::test(self.named(name), move || {
+                            case_trial(&*imp, &case, expect_fail.as_deref(), context)
+                        })
+                        .with_kind(kind),
                     );
                 }
             }
         }
         for unknown in self.expectations.fail.keys().filter(|k| !cases.iter().any(|(n, _)| n == *k)) {
             let message = format!("expectations name `{unknown}`, which is no case of this suite");
-            trials.push(Trial::test(format!("expectations/{unknown}"), move || Err(message.into())));
+            trials.push(Trial::test(self.named(&format!("expectations/{unknown}")), move || Err(message.into())));
         }
         if self.property_cases > 0 {
             for kernel in caps.kernels.clone() {
                 let (imp, n, context) = (self.implementation.clone(), self.property_cases, self.context);
-                let name = format!("properties/{}", kernel.name());
+                let name = self.named(&format!("properties/{}", kernel.name()));
                 trials.push(Trial::test(name, move || property_trial(imp, kernel, n, context)).with_kind("property"));
             }
         }
@@ -168,7 +223,20 @@ impl Suite {
             );
             for mutant in HarnessMutant::ALL {
                 let (imp, supported, context) = (self.implementation.clone(), supported.clone(), self.context);
-                let name = format!("harness_mutants/{}", mutant.name());
+                let name = self.named(&format!("harness_mutants/{}", mutant.name()));
+                if !supported.iter().any(|(_, c)| mutant.applies(c)) {
+                    // No supported case can show it (no sinks, one kv head): listed, not run.
+                    let why = format!("{} applies to no supported case of this suite", mutant.name());
+                    trials.push(
+                        Trial::test(name, move || {
+                            eprintln!("{why}");
+                            Ok(())
+                        })
+                        .with_kind("unsupported")
+                        .with_ignored_flag(true),
+                    );
+                    continue;
+                }
                 trials.push(
                     Trial::test(name, move || mutant_trial(&*imp, mutant, &supported, context)).with_kind("mutant"),
                 );

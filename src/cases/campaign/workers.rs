@@ -30,10 +30,10 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::mix::{FuzzCase, fuzz_case};
+use super::mix::FuzzCase;
 use super::shard::{draw, runner_config};
 use super::stats::Timings;
-use super::{CampaignError, CampaignOptions, Verdict, run_guarded};
+use super::{CampaignError, CampaignOptions, Verdict, campaign_strategy, run_guarded};
 use crate::gpu::Context;
 
 /// A case a worker ran.
@@ -164,7 +164,7 @@ impl Drop for PanicGuard<'_> {
 pub(super) fn work(shared: &Shared, results: Sender<Report>) {
     let mut guard = PanicGuard { shared, index: None };
     // Built here: proptest's boxed strategies cannot cross threads.
-    let strategy = fuzz_case(shared.options.kernels);
+    let strategy = campaign_strategy(&shared.options);
     let config = runner_config();
     let options = &shared.options;
     while !shared.halt.load(Ordering::SeqCst) {
@@ -188,7 +188,8 @@ pub(super) fn work(shared: &Shared, results: Sender<Report>) {
         let case = tree.current();
         let mut timings = Timings { generate: start.elapsed(), ..Timings::default() };
         let (epoch, ctx) = shared.device();
-        let verdict = run_guarded(&ctx, &case, options.mutant, &mut timings, &shared.exclusive);
+        let verdict =
+            run_guarded(&ctx, &case, options.mutant, options.implementation.as_ref(), &mut timings, &shared.exclusive);
         drop(ctx);
         let failed = matches!(verdict, Verdict::Mismatch(_) | Verdict::DeviceError { .. });
         if failed && options.fail_fast {
