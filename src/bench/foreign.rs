@@ -12,7 +12,7 @@ use super::timing::{Between, Timing, time_calls};
 use super::upload::{device_buffer, device_copies};
 use super::{BenchError, Result, gb_per_s};
 use crate::cases::data::attention_inputs_for;
-use crate::cases::model::{AttentionCase, AttentionData, Dist, Expect, Poison};
+use crate::cases::model::{AttentionCase, Poison};
 use crate::gpu::{Buffer, Context, Location};
 use crate::implementation::{Implementation, SlotContract};
 use crate::manifest::{ManifestKernel, Role};
@@ -36,36 +36,17 @@ impl ForeignMeasurement {
 
 /// The case a benchmark shape stands for: every sequence at its full length, one layout.
 pub fn bench_case(shape: &DecodeShape, config: &AttentionBenchConfig) -> AttentionCase {
-    AttentionCase {
-        description: format!("bench shape {}", shape.spec()),
-        dtype: shape.dtype,
-        n_q_heads: shape.n_q_heads,
-        n_kv_heads: shape.n_kv_heads,
-        head_dim: shape.head_dim,
-        n_queries: shape.n_queries,
-        seq_lens: vec![shape.kv; shape.batch],
-        capacity: shape.capacity,
-        layout: match config.layout {
-            super::attention::LayoutKind::HeadMajor => crate::cases::LayoutKind::HeadMajor,
-            super::attention::LayoutKind::TokenMajor => crate::cases::LayoutKind::TokenMajor,
-        },
-        pad: 0,
-        scale: None,
-        window: None,
-        softcap: None,
-        sinks: None,
-        fused: false,
-        split_chunk: None,
-        data: AttentionData {
-            seed: 1,
-            q: Dist::default(),
-            k: Dist::default(),
-            v: Dist::default(),
-            peak: None,
-            poison: Poison::Large,
-        },
-        expect: Expect::Pass,
-    }
+    let heads = (shape.n_q_heads, shape.n_kv_heads, shape.head_dim);
+    let mut case = crate::cases::grid::base(shape.dtype, heads, vec![shape.kv; shape.batch], shape.capacity);
+    case.description = format!("bench shape {}", shape.spec());
+    case.n_queries = shape.n_queries;
+    case.layout = match config.layout {
+        super::attention::LayoutKind::HeadMajor => crate::cases::LayoutKind::HeadMajor,
+        super::attention::LayoutKind::TokenMajor => crate::cases::LayoutKind::TokenMajor,
+    };
+    case.data.seed = 1;
+    case.data.poison = Poison::Large;
+    case
 }
 
 /// Times `kernel` at `shape`; `Ok(None)` when the shape is outside its capabilities or no variant

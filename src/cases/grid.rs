@@ -32,7 +32,14 @@ fn attention(name: String, mut case: AttentionCase) -> GridCase {
     GridCase { name, case: Case::Attention(case) }
 }
 
-fn base(dtype: Dtype, (h, hkv, d): (usize, usize, usize), seq_lens: Vec<usize>, capacity: usize) -> AttentionCase {
+/// A plain attention case: one query, head-major, no options, standard normal values, NaN poison,
+/// seed 0.
+pub(crate) fn base(
+    dtype: Dtype,
+    (h, hkv, d): (usize, usize, usize),
+    seq_lens: Vec<usize>,
+    capacity: usize,
+) -> AttentionCase {
     AttentionCase {
         description: String::new(),
         dtype,

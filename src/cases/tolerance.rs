@@ -52,7 +52,12 @@
 //!   like q, and V moves the output by u_kv·V.
 //! - weights stored narrower: each relative u_w, so 3. adds 2u_w·V; weights that underflow lose
 //!   up to half the smallest subnormal each, at most n of them against l ≥ 1: 2n·2⁻²⁵·V in f16.
-//! - accumulators narrower: 4. takes u_a, (2.04·n + 20)·u_a·V; sums that fall into the
+//! - accumulators narrower: 4. takes u_a. Each of the n terms is rounded once when added
+//!   (in any order: lanes' partial sums combined later still make n − 1 additions), and every
+//!   rescale of a running sum by exp(m_old − m_new) rounds once more: with tiles of at least 16
+//!   positions that is ≤ n/16 more, plus the combine across lanes and the product with a 1/l
+//!   rounded to the narrow type (a few roundings each, ≤ 20 together): (1.1·n + 20)·u_a·V,
+//!   twice (numerator and l), (2.2·n + 40)·u_a·V. Sums that fall into the
 //!   subnormal range lose up to half the smallest subnormal per operation, (n + D)·2⁻²⁵ in f16,
 //!   added to the floor.
 //!
@@ -251,11 +256,14 @@ pub fn attention_element_bound_for(
     let score_error =
         ((d + 2.0) * u_d + u_q) * max_abs_qk + softcap.map_or(0.0, |c| (14.0 * c + 8.0 * max_abs_qk) * u_d);
     let weights = 2.0 * u_w + 2.0 * n_f * underflow(precision.weights);
+    // Narrow accumulators: rescaled per tile of 16 or more positions, combined across lanes and
+    // multiplied by a rounded 1/l, all in that type (module notes).
+    let accumulate = if precision.accumulate == Dtype::F32 { 2.04 * n_f + 20.0 } else { 2.2 * n_f + 40.0 };
     let relative = 4.0 * score_error
         + U * (24.0 + 20.0 * n_f.ln())
         + weights
         + u_kv
-        + u_a * (2.04 * n_f + 20.0)
+        + u_a * accumulate
         + U * (0.06 * n_f + 10.0);
     max_abs_v * relative + denormal_floor(n, head_dim) + (n + head_dim) as f64 * underflow(precision.accumulate)
 }

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::json;
 use vkdecode::cases::corpus::load_case;
-use vkdecode::cases::run::{run_append, run_attention};
-use vkdecode::cases::{Case, Outcome, RunError, run_case};
+use vkdecode::cases::run::{run_append_with, run_attention_with};
+use vkdecode::cases::{Case, Outcome, RunError};
 use vkdecode::gpu::Context;
+use vkdecode::implementation::{Judged, judge_case};
 use vkdecode::kernels::Mutant;
 
 use super::report::{self, CaseResult};
@@ -35,6 +36,12 @@ pub struct ReplayArgs {
     /// Write each case's inputs and outputs as .npy files and a case.json into DIR/<file stem>/
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
+    /// Replay on the kernel a SPIR-V manifest describes instead of vkdecode's own (docs/BYOK.md)
+    #[arg(long, value_name = "FILE", conflicts_with = "mutant")]
+    manifest: Option<PathBuf>,
+    /// With --manifest: run only this variant
+    #[arg(long, value_name = "NAME", requires = "manifest")]
+    variant: Option<String>,
 }
 
 /// One replayed file.
@@ -89,6 +96,7 @@ pub fn run(global: &Global, args: &ReplayArgs) -> anyhow::Result<Finish> {
     };
     let ctx = global.open_context()?;
     let mutant = args.mutant;
+    let imp = super::check::implementation(args.manifest.as_deref(), args.variant.as_deref(), mutant, ctx.info())?;
     let mut replayed = Vec::with_capacity(cases.len());
     for (i, (file, case)) in args.files.iter().zip(&cases).enumerate() {
         let name = file.display().to_string();
@@ -96,12 +104,16 @@ pub fn run(global: &Global, args: &ReplayArgs) -> anyhow::Result<Finish> {
         let dump_dir = dump_dirs.as_ref().map(|d| d[i].as_path());
         let (result, dumped) = match (case, dump_dir) {
             (_, None) => {
-                let ran = report::judge(name.clone(), case, mutant, || run_case(&ctx, case, mutant).map(|o| (o, ())));
+                let ran = report::judge(name.clone(), case, mutant, || match judge_case(&ctx, &*imp, case, None)? {
+                    Judged::Ran(outcome) => Ok((outcome, ())),
+                    Judged::Unsupported(reason) => Err(RunError::Unsupported(reason)),
+                });
                 (ran.map_err(fatal)?.0, None)
             }
             (Case::Attention(c), Some(dir)) => {
                 let ran = report::judge(name.clone(), case, mutant, || {
-                    with_validation(&ctx, run_attention(&ctx, c, mutant.and_then(Mutant::attention)))
+                    imp.capabilities().admits(case).map_err(|u| RunError::Unsupported(u.0))?;
+                    with_validation(&ctx, run_attention_with(&ctx, &*imp, c, None))
                 });
                 let (result, run) = ran.map_err(fatal)?;
                 if let Some(run) = &run {
@@ -111,7 +123,8 @@ pub fn run(global: &Global, args: &ReplayArgs) -> anyhow::Result<Finish> {
             }
             (Case::KvAppend(c), Some(dir)) => {
                 let ran = report::judge(name.clone(), case, mutant, || {
-                    with_validation(&ctx, run_append(&ctx, c, mutant.and_then(Mutant::append)))
+                    imp.capabilities().admits(case).map_err(|u| RunError::Unsupported(u.0))?;
+                    with_validation(&ctx, run_append_with(&ctx, &*imp, c))
                 });
                 let (result, run) = ran.map_err(fatal)?;
                 if let Some(run) = &run {
@@ -188,7 +201,10 @@ fn render(r: &Replayed, mutant: Option<Mutant>) -> String {
             rows.push(("tolerance", r.tolerance.unwrap_or_default().to_string()));
             rows.push(("detail", o.detail.clone().unwrap_or_else(|| "-".to_string())));
         }
-        None => rows.push(("error", res.error.clone().unwrap_or_default())),
+        None => match &res.unsupported {
+            Some(why) => rows.push(("unsupported", why.clone())),
+            None => rows.push(("error", res.error.clone().unwrap_or_default())),
+        },
     }
     rows.push(("ms", format!("{:.1}", res.ms)));
     if let Some(d) = &r.dumped {
