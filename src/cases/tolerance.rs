@@ -259,12 +259,8 @@ pub fn attention_element_bound_for(
     // Narrow accumulators: rescaled per tile of 16 or more positions, combined across lanes and
     // multiplied by a rounded 1/l, all in that type (module notes).
     let accumulate = if precision.accumulate == Dtype::F32 { 2.04 * n_f + 20.0 } else { 2.2 * n_f + 40.0 };
-    let relative = 4.0 * score_error
-        + U * (24.0 + 20.0 * n_f.ln())
-        + weights
-        + u_kv
-        + u_a * accumulate
-        + U * (0.06 * n_f + 10.0);
+    let relative =
+        4.0 * score_error + U * (24.0 + 20.0 * n_f.ln()) + weights + u_kv + u_a * accumulate + U * (0.06 * n_f + 10.0);
     max_abs_v * relative + denormal_floor(n, head_dim) + (n + head_dim) as f64 * underflow(precision.accumulate)
 }
 
