@@ -322,6 +322,8 @@ impl Capabilities {
         if !self.has(AttentionOption::SplitChunk) {
             c.split_chunk = None;
         }
+        // The poison the implementation will get, stated in the case (a recorded failure says it).
+        c.data.poison = c.data.poison.under(self.unread_slots);
         if c.fused {
             // A fused step appends n_queries tokens, so every sequence holds at least that many.
             c.n_queries = c.n_queries.min(c.capacity);
