@@ -3,7 +3,7 @@
 //! [`vkdecode::implementation::Implementation`], and `tests/suite.rs` hands it to
 //! [`vkdecode::implementation::Suite`] (corpus, grid, property draws, harness mutants).
 //!
-//! The kernel (`shaders/naive_attention.comp`) runs one workgroup per (sequence, query token,
+//! The kernel (`shaders/examples/naive_attention.comp` (at the repository root)) runs one workgroup per (sequence, query token,
 //! query head) with a two-pass softmax over f32 caches. `NaiveKernel::new(true)` compiles it with
 //! a planted bug (the causal bound off by one), which `tests/planted_bug.rs` shows the suite
 //! catches.
