@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cases;
 pub mod engine;
+pub mod external;
 pub mod gpu;
 pub mod implementation;
 pub mod kernels;

@@ -24,6 +24,7 @@ use vkdecode::cases::campaign::{
 };
 use vkdecode::cases::corpus::default_corpus_dir;
 use vkdecode::cases::rng::Rng;
+use vkdecode::external::{CapsFile, External};
 use vkdecode::gpu::ContextOptions;
 use vkdecode::kernels::Mutant;
 use vkdecode::manifest::Manifest;
@@ -120,6 +121,21 @@ struct Cli {
     /// With --manifest: run only this variant [default: the first that admits each case]
     #[arg(long, value_name = "NAME", requires = "manifest")]
     variant: Option<String>,
+    /// Fuzz a runtime behind a worker process (docs/BYOK.md, "The worker protocol"): `sh -c CMD`
+    /// runs once per job, kept warm, fed batches of case folders; needs --caps
+    #[arg(long, value_name = "CMD", requires = "caps", conflicts_with_all = ["mutant", "mutants", "manifest"])]
+    external: Option<String>,
+    /// With --external: the runtime's capabilities, precision profile and slot contract (a
+    /// manifest's top: name, [capabilities], [precision], [slots])
+    #[arg(long, value_name = "FILE", requires = "external")]
+    caps: Option<PathBuf>,
+    /// With --external: cases per worker request (shrinking sends one at a time)
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// With --external: most time a worker may take for one batch; past it the worker is killed
+    /// and restarted, and the batch's cases fail
+    #[arg(long, value_name = "DUR", default_value = "120s", value_parser = parse_duration)]
+    timeout: Duration,
     /// Print the shard's first cases (--cases, default 20) as JSON lines instead of running them
     #[arg(long, conflicts_with_all = ["mutants", "duration"])]
     print_cases: bool,
@@ -307,6 +323,14 @@ fn print_cases(seed: u64, shard: Shard, cli: &Cli) -> ExitCode {
 }
 
 fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
+    // External workers' batch folders; each is removed once judged, the folder at the end.
+    let scratch = std::env::temp_dir().join(format!("vkdecode-fuzz-{}", std::process::id()));
+    let code = campaign_with(cli, seed, shard, stop, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    code
+}
+
+fn campaign_with(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool, scratch: &std::path::Path) -> ExitCode {
     let corpus = cli.corpus.clone().unwrap_or_else(default_corpus_dir);
     let manifest = match cli.manifest.as_deref().map(Manifest::load).transpose() {
         Ok(m) => m.map(Arc::new),
@@ -315,9 +339,20 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let implementation = match &manifest {
-        None => None,
-        Some(m) => match m.kernel(cli.variant.as_deref()) {
+    let implementation = match (&manifest, &cli.external) {
+        (None, Some(command)) => {
+            let caps = cli.caps.as_deref().map(CapsFile::load).expect("clap requires --caps with --external");
+            let external = caps.and_then(|caps| External::new(caps, command, cli.batch as usize, cli.timeout, scratch));
+            match external {
+                Ok(e) => Some(UnderTest(e.arc())),
+                Err(e) => {
+                    note(&format!("error: {e}"));
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (None, None) => None,
+        (Some(m), _) => match m.kernel(cli.variant.as_deref()) {
             Ok(k) => Some(UnderTest(Arc::new(k))),
             Err(e) => {
                 note(&format!("error: {e}"));

@@ -385,3 +385,59 @@ fn any_number_of_jobs_runs_the_same_cases_with_the_same_verdicts() {
     assert_eq!(one, two, "jobs 1 and jobs 2 differ");
     assert_eq!(one_counts, two_counts);
 }
+
+/// A Python with NumPy (as tests/external.rs finds it).
+fn python() -> String {
+    let candidates = std::env::var("VKDECODE_PYTHON").into_iter().chain(["/usr/bin/python3".into(), "python3".into()]);
+    for py in candidates {
+        if Command::new(&py).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success()) {
+            return py;
+        }
+    }
+    panic!("no Python 3 with NumPy found: install python3-numpy (Debian) or set VKDECODE_PYTHON");
+}
+
+#[test]
+fn a_runner_behind_a_worker_process_with_a_planted_bug_is_caught_and_shrunk() {
+    let dir = TempDir::new("external");
+    let corpus = dir.arg("corpus");
+    let runners = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/external");
+    let command = format!("{} {} --worker", python(), runners.join("planted_bug.py").display());
+    let caps = runners.join("planted_bug.toml").display().to_string();
+    let args = [
+        "--external",
+        &command,
+        "--caps",
+        &caps,
+        "--batch",
+        "4",
+        "--jobs",
+        "2",
+        "--cases",
+        "200",
+        "--seed",
+        "3",
+        "--fail-fast",
+        "--corpus",
+        &corpus,
+        "--shrink-time",
+        "600s",
+    ];
+    let out = run(&mut fuzz(&args));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "the planted bug is found\n{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("ended by done"), "shrinking was cut short:\n{stdout}");
+    assert!(stdout.contains("--external"), "the reproducer names the worker:\n{stdout}");
+    let files = json_files(&dir.path().join("corpus/attention"));
+    assert_eq!(files.len(), 1, "one corpus file: {files:?}");
+    let case = load_case(&files[0]).unwrap_or_else(|e| panic!("{e}"));
+    let Case::Attention(c) = &case else { panic!("not an attention case: {case:?}") };
+    assert!(attention_work(c) <= 4096, "not shrunk: work {} in {c:?}", attention_work(c));
+    // The bug shows only where a row's next position lies inside the capacity.
+    assert!(c.seq_lens.iter().any(|&l| l < c.capacity || c.n_queries > 1), "{c:?}");
+
+    // Verdicts are taken in case order: the same seed finds the same shrunk case again.
+    let again = run(&mut fuzz(&args));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stdout).contains("duplicate of"), "{}", text(&again.stdout));
+}

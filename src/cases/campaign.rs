@@ -112,11 +112,16 @@ impl std::fmt::Debug for UnderTest {
 /// The campaign's strategy: the mix of its kernels, mapped into the implementation's
 /// capabilities (a map, so shrinking stays inside them), the other kernels' cases dropped.
 pub fn campaign_strategy(options: &CampaignOptions) -> BoxedStrategy<FuzzCase> {
-    let Some(UnderTest(imp)) = &options.implementation else { return fuzz_case(options.kernels) };
+    strategy_for(options.kernels, options.implementation.as_ref())
+}
+
+/// [`campaign_strategy`] from its two inputs.
+fn strategy_for(kernels: Kernels, implementation: Option<&UnderTest>) -> BoxedStrategy<FuzzCase> {
+    let Some(UnderTest(imp)) = implementation else { return fuzz_case(kernels) };
     let caps = imp.capabilities().clone();
     let kernels = Kernels {
-        attention: options.kernels.attention && caps.kernels.contains(&crate::implementation::KernelKind::Attention),
-        kv_append: options.kernels.kv_append && caps.kernels.contains(&crate::implementation::KernelKind::KvAppend),
+        attention: kernels.attention && caps.kernels.contains(&crate::implementation::KernelKind::Attention),
+        kv_append: kernels.kv_append && caps.kernels.contains(&crate::implementation::KernelKind::KvAppend),
     };
     fuzz_case(kernels)
         .prop_map(move |fc| FuzzCase {
@@ -177,6 +182,8 @@ impl Verdict {
             Verdict::Skip(reason) => format!("skipped: {reason}"),
             Verdict::DeviceError { lost: true, message } => format!("device lost: {message}"),
             Verdict::DeviceError { lost: false, message } => format!("device error: {message}"),
+            // Nothing was compared: the implementation failed before giving a result.
+            Verdict::Mismatch(o) if o.checked == 0 => o.detail.clone().unwrap_or_else(|| "no detail".into()),
             Verdict::Mismatch(o) => {
                 let first = o.detail.as_deref().and_then(|d| d.lines().next()).unwrap_or("no detail");
                 format!(
@@ -192,8 +199,39 @@ fn classify(error: RunError) -> Verdict {
     let lost = error.is_device_lost();
     match error {
         RunError::Param(e) | RunError::Kernel(KernelError::Param(e)) => Verdict::Skip(e.to_string()),
+        // The implementation's own failure (a worker that crashed, hung or answered malformed
+        // output) fails the case, is shrunk like a mismatch, and leaves the device alone.
+        e @ RunError::Implementation { .. } => Verdict::Mismatch(Box::new(Outcome::error(e.to_string()))),
         other => Verdict::DeviceError { lost, message: other.to_string() },
     }
+}
+
+/// The campaign's verdict on an implementation's judged case.
+fn verdict_of(judged: Result<crate::implementation::Judged, RunError>) -> Verdict {
+    match judged {
+        Err(e) => classify(e),
+        Ok(crate::implementation::Judged::Unsupported(reason)) => Verdict::Skip(format!("unsupported: {reason}")),
+        Ok(crate::implementation::Judged::Ran(o)) if o.passed => Verdict::Pass,
+        Ok(crate::implementation::Judged::Ran(o)) => Verdict::Mismatch(Box::new(o)),
+    }
+}
+
+/// Runs a batch of cases on an implementation under test through its batch methods
+/// ([`crate::implementation::judge_batch`]); one verdict per case, in order.
+pub(super) fn run_batch_guarded(
+    ctx: &Arc<Context>,
+    cases: &[FuzzCase],
+    imp: &dyn Implementation,
+    timings: &mut Timings,
+    exclusive: &Mutex<()>,
+) -> Vec<Verdict> {
+    let guard = ctx.validation_enabled().then(|| exclusive.lock().unwrap_or_else(PoisonError::into_inner));
+    let start = Instant::now();
+    let list: Vec<Case> = cases.iter().map(|fc| fc.case.clone()).collect();
+    let judged = crate::implementation::judge_batch(ctx, imp, &list);
+    drop(guard);
+    timings.device += start.elapsed();
+    judged.into_iter().map(verdict_of).collect()
 }
 
 /// Runs one case (with its forced split) on the device and judges it, adding each stage's time
@@ -205,7 +243,7 @@ pub fn run_fuzz_case(ctx: &Arc<Context>, fc: &FuzzCase, mutant: Option<Mutant>, 
 /// [`run_fuzz_case`] with `exclusive` held, while the validation layer is on, from the case's
 /// first device call to the collection of its messages, so that the messages of cases run on
 /// other threads stay out of this one's verdict.
-fn run_guarded(
+pub(super) fn run_guarded(
     ctx: &Arc<Context>,
     fc: &FuzzCase,
     mutant: Option<Mutant>,
@@ -221,12 +259,7 @@ fn run_guarded(
         let judged = crate::implementation::judge_case(ctx, &**imp, &fc.case, None);
         drop(guard);
         timings.device += start.elapsed();
-        return match judged {
-            Err(e) => classify(e),
-            Ok(crate::implementation::Judged::Unsupported(reason)) => Verdict::Skip(format!("unsupported: {reason}")),
-            Ok(crate::implementation::Judged::Ran(o)) if o.passed => Verdict::Pass,
-            Ok(crate::implementation::Judged::Ran(o)) => Verdict::Mismatch(Box::new(o)),
-        };
+        return verdict_of(judged);
     }
     let (verdict, messages) = match &fc.case {
         Case::Attention(case) if case.fused => {
@@ -636,7 +669,9 @@ impl Campaign {
         }
         let reproducer = file.as_ref().map(|path| {
             let mutant = self.options().mutant.map(|m| format!(" --mutant {}", m.name())).unwrap_or_default();
-            format!("vkdecode replay {}{mutant}", shell_word(&path.display().to_string()))
+            let under_test =
+                self.options().implementation.as_ref().map(|UnderTest(imp)| imp.replay_args()).unwrap_or_default();
+            format!("vkdecode replay {}{mutant}{under_test}", shell_word(&path.display().to_string()))
         });
         self.findings.push(Finding {
             index,
@@ -731,7 +766,7 @@ fn skip_reason(reason: &str) -> String {
 }
 
 /// Quotes a path for a shell when it needs it.
-fn shell_word(text: &str) -> String {
+pub fn shell_word(text: &str) -> String {
     if text.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
         text.to_string()
     } else {
@@ -772,7 +807,19 @@ fn write_unique(dir: &Path, name: &str, case: &Case) -> Result<(PathBuf, bool), 
 
 /// The first `n` cases of a shard, without a device (what `vkdecode-fuzz --print-cases` shows).
 pub fn case_sequence(seed: u64, shard: Shard, kernels: Kernels, n: u64) -> Result<Vec<(u64, FuzzCase)>, CampaignError> {
-    let strategy = fuzz_case(kernels);
+    campaign_cases(seed, shard, kernels, None, n)
+}
+
+/// The first `n` cases of a campaign (drawn inside `implementation`'s capabilities when given),
+/// with their global indices: what `vkdecode export --draw` writes.
+pub fn campaign_cases(
+    seed: u64,
+    shard: Shard,
+    kernels: Kernels,
+    implementation: Option<&UnderTest>,
+    n: u64,
+) -> Result<Vec<(u64, FuzzCase)>, CampaignError> {
+    let strategy = strategy_for(kernels, implementation);
     let config = runner_config();
     (0..n)
         .map_while(|i| shard.global_index(i))

@@ -1,11 +1,12 @@
-//! A minimal `.npy` writer (format version 1.0) for `vkdecode replay --dump`: enough for NumPy
-//! (`np.load`) to read the inputs and outputs of a case, with no dependency.
+//! A minimal `.npy` writer (format version 1.0) and reader, for `vkdecode replay --dump` and the
+//! export/judge exchange with runtimes in other languages (`crate::external`), with no dependency.
 //!
 //! Format (numpy.lib.format): the magic `\x93NUMPY`, version bytes `1 0`, a little-endian u16
 //! header length, then an ASCII Python dict literal
 //! `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }` padded with spaces and ended by
 //! `\n` so that the data starts at a multiple of 64 bytes; then the elements in C order, little
-//! endian. Only the element types the dumps need exist: `<f4`, `<f8`, `<u4`, `<u2`.
+//! endian. Only the element types the exchange needs exist: `<f4`, `<f8`, `<f2`, `<u4`, `<u2`,
+//! `<i4` and `|b1`. The reader takes versions 1.0 to 3.0 of any of them, C order only.
 //!
 //! Writes are atomic (temporary file in the same directory + rename), so a reader never sees a
 //! half-written array; every error names the file.
@@ -25,6 +26,10 @@ pub enum NpyData<'a> {
     F64(&'a [f64]),
     U32(&'a [u32]),
     U16(&'a [u16]),
+    /// IEEE half-precision bit patterns (`<f2`).
+    F16(&'a [u16]),
+    I32(&'a [i32]),
+    Bool(&'a [bool]),
 }
 
 impl NpyData<'_> {
@@ -35,15 +40,19 @@ impl NpyData<'_> {
             NpyData::F64(_) => "<f8",
             NpyData::U32(_) => "<u4",
             NpyData::U16(_) => "<u2",
+            NpyData::F16(_) => "<f2",
+            NpyData::I32(_) => "<i4",
+            NpyData::Bool(_) => "|b1",
         }
     }
 
     /// Bytes per element.
     pub fn element_size(&self) -> usize {
         match self {
-            NpyData::F32(_) | NpyData::U32(_) => 4,
+            NpyData::F32(_) | NpyData::U32(_) | NpyData::I32(_) => 4,
             NpyData::F64(_) => 8,
-            NpyData::U16(_) => 2,
+            NpyData::U16(_) | NpyData::F16(_) => 2,
+            NpyData::Bool(_) => 1,
         }
     }
 
@@ -52,7 +61,9 @@ impl NpyData<'_> {
             NpyData::F32(d) => d.len(),
             NpyData::F64(d) => d.len(),
             NpyData::U32(d) => d.len(),
-            NpyData::U16(d) => d.len(),
+            NpyData::U16(d) | NpyData::F16(d) => d.len(),
+            NpyData::I32(d) => d.len(),
+            NpyData::Bool(d) => d.len(),
         }
     }
 
@@ -66,7 +77,9 @@ impl NpyData<'_> {
             NpyData::F32(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes())),
             NpyData::F64(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes())),
             NpyData::U32(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            NpyData::U16(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            NpyData::U16(d) | NpyData::F16(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            NpyData::I32(d) => d.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            NpyData::Bool(d) => out.extend(d.iter().map(|&b| u8::from(b))),
         }
     }
 }
@@ -141,6 +154,90 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     renamed
 }
 
+/// An array read from a `.npy` file: its type string, shape and raw little-endian elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NpyArray {
+    pub descr: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl NpyArray {
+    /// The elements as f64 (exact for `<f2`, `<f4`, `<f8`); other types are an error naming the
+    /// type found.
+    pub fn to_f64(&self) -> Result<Vec<f64>, String> {
+        let d = &self.data;
+        Ok(match self.descr.as_str() {
+            "<f2" => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            "<f4" => d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            "<f8" => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk"))).collect(),
+            other => return Err(format!("dtype {other}, expected a float array (<f2, <f4 or <f8)")),
+        })
+    }
+}
+
+/// Bytes per element of a type string the reader knows.
+fn descr_size(descr: &str) -> Option<usize> {
+    Some(match descr {
+        "|b1" | "|u1" | "|i1" => 1,
+        "<f2" | "<u2" | "<i2" => 2,
+        "<f4" | "<u4" | "<i4" => 4,
+        "<f8" | "<u8" | "<i8" => 8,
+        _ => return None,
+    })
+}
+
+/// The value of `'key': ` in a header dict, up to the next top-level comma or brace.
+fn dict_value<'a>(dict: &'a str, key: &str) -> Result<&'a str, String> {
+    let start = [format!("'{key}':"), format!("\"{key}\":")]
+        .iter()
+        .find_map(|k| dict.find(k.as_str()).map(|i| i + k.len()))
+        .ok_or_else(|| format!("header has no '{key}'"))?;
+    let rest = dict[start..].trim_start();
+    let end = if rest.starts_with('(') { rest.find(')').map(|i| i + 1) } else { rest.find([',', '}']) }
+        .ok_or_else(|| format!("header's '{key}' is not terminated"))?;
+    Ok(rest[..end].trim())
+}
+
+/// Parses a `.npy` file's bytes; `Err` says what is wrong.
+pub fn decode_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file (no \\x93NUMPY magic)".into());
+    }
+    let (len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let dict = bytes.get(start..start + len).ok_or("header runs past the end of the file")?;
+    let dict = std::str::from_utf8(dict).map_err(|_| "header is not text")?;
+    let descr = dict_value(dict, "descr")?.trim_matches(['\'', '"']).to_string();
+    let size = descr_size(&descr).ok_or_else(|| format!("unsupported dtype {descr}"))?;
+    if dict_value(dict, "fortran_order")? != "False" {
+        return Err("Fortran-order arrays are not supported (write C order)".into());
+    }
+    let shape_text = dict_value(dict, "shape")?;
+    let shape = shape_text
+        .trim_matches(['(', ')'])
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = &bytes[start + len..];
+    let expected = shape.iter().try_fold(size, |acc, &n| acc.checked_mul(n)).ok_or("shape overflows")?;
+    if data.len() != expected {
+        return Err(format!("{} data bytes, shape {shape_text} of {descr} needs {expected}", data.len()));
+    }
+    Ok(NpyArray { descr, shape, data: data.to_vec() })
+}
+
+/// Reads a `.npy` file; every error names the file.
+pub fn read_npy(path: &Path) -> Result<NpyArray, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_npy(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +290,37 @@ mod tests {
         assert_eq!(&bytes[start..], &[1, 0, 2, 0, 0xcd, 0xab]);
         let bytes = encode_npy(&[1, 1], NpyData::F64(&[0.5])).unwrap();
         assert_eq!(&bytes[start..], &0.5f64.to_le_bytes());
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let cases: [(&[usize], NpyData<'_>); 4] = [
+            (&[2, 2], NpyData::F32(&[1.0, -2.0, 3.5, f32::INFINITY])),
+            (&[3], NpyData::F16(&[0x3c00, 0x7e00, 0x8001])),
+            (&[1, 2], NpyData::I32(&[-1, 7])),
+            (&[2, 1, 2], NpyData::Bool(&[true, false, false, true])),
+        ];
+        for (shape, data) in cases {
+            let back = decode_npy(&encode_npy(shape, data).unwrap()).unwrap();
+            assert_eq!((back.descr.as_str(), back.shape.as_slice()), (data.descr(), shape));
+            let mut raw = Vec::new();
+            data.append_le_bytes(&mut raw);
+            assert_eq!(back.data, raw);
+        }
+        let f = decode_npy(&encode_npy(&[2], NpyData::F16(&[0x3c00, 0xc000])).unwrap()).unwrap();
+        assert_eq!(f.to_f64().unwrap(), [1.0, -2.0]);
+        assert!(decode_npy(&encode_npy(&[1], NpyData::I32(&[1])).unwrap()).unwrap().to_f64().is_err());
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let good = encode_npy(&[2], NpyData::F32(&[1.0, 2.0])).unwrap();
+        assert!(decode_npy(b"hello").unwrap_err().contains("magic"));
+        assert!(decode_npy(&good[..good.len() - 1]).unwrap_err().contains("needs 8"));
+        let fortran = String::from_utf8_lossy(&good).replace("False", "True ").into_bytes();
+        assert!(decode_npy(&fortran).unwrap_err().contains("Fortran"));
+        let odd = String::from_utf8_lossy(&good).replace("<f4", "<c8").into_bytes();
+        assert!(decode_npy(&odd).unwrap_err().contains("unsupported dtype <c8"));
     }
 
     #[test]

@@ -72,6 +72,22 @@ pub struct Outcome {
     pub detail: Option<String>,
 }
 
+impl Outcome {
+    /// A failure with nothing compared: the implementation gave no usable result.
+    pub fn error(detail: String) -> Outcome {
+        Outcome {
+            passed: false,
+            checked: 0,
+            mismatches: 0,
+            max_abs_err: f64::NAN,
+            worst_ratio: f64::INFINITY,
+            nmse: f64::NAN,
+            tolerance: "a result to compare",
+            detail: Some(detail),
+        }
+    }
+}
+
 /// One attention run: the inputs, the GPU output and the reference output.
 pub struct AttentionRun {
     pub inputs: AttentionInputs,
@@ -149,14 +165,33 @@ pub fn run_attention_with(
         Some(m) => imp.attention(ctx, &m.apply(&inputs))?,
         None => imp.attention(ctx, &inputs)?,
     };
-    if gpu.out.len() != inputs.q.len() {
-        return Err(RunError::Implementation {
-            implementation: imp.name().to_string(),
-            message: format!("returned {} output elements, {} expected ([B][T][H][D])", gpu.out.len(), inputs.q.len()),
-        });
+    check_output_len(imp.name(), &inputs, gpu.out.len())?;
+    let (outcome, reference) = judge_attention_output(&caps.precision, &inputs, &gpu.out, &gpu);
+    let run = AttentionRun { inputs, gpu: gpu.out, reference, caches_after: gpu.caches_after };
+    Ok((outcome, run))
+}
+
+/// An implementation's output must have Q's shape.
+pub(crate) fn check_output_len(name: &str, inputs: &AttentionInputs, len: usize) -> Result<(), RunError> {
+    if len == inputs.q.len() {
+        return Ok(());
     }
-    let reference = attention_reference(&inputs);
-    let mut outcome = check_attention_with(&caps.precision, &inputs, &gpu.out, &reference);
+    Err(RunError::Implementation {
+        implementation: name.to_string(),
+        message: format!("returned {len} output elements, {} expected ([B][T][H][D])", inputs.q.len()),
+    })
+}
+
+/// Judges what an implementation returned for attention `inputs` (`out` flattened like Q,
+/// the fused caches and merge counters from `gpu`) with `precision`; returns the reference too.
+pub fn judge_attention_output<T: Copy + Into<f64>>(
+    precision: &Precision,
+    inputs: &AttentionInputs,
+    out: &[T],
+    gpu: &AttentionGpu,
+) -> (Outcome, Vec<f64>) {
+    let reference = attention_reference(inputs);
+    let mut outcome = check_attention_with(precision, inputs, out, &reference);
     if let Some(fused) = &inputs.fused {
         match &gpu.caches_after {
             Some((k_after, v_after)) => check_fused_caches(
@@ -176,8 +211,7 @@ pub fn run_attention_with(
             format!("split-K merge: chunk counter {} was left nonzero (each call must reset it)", i / 4)
         });
     }
-    let run = AttentionRun { inputs, gpu: gpu.out, reference, caches_after: gpu.caches_after };
-    Ok((outcome, run))
+    (outcome, reference)
 }
 
 /// Runs materialized attention inputs on the device and returns the output, flattened like Q
@@ -365,10 +399,10 @@ pub fn check_attention(inputs: &AttentionInputs, gpu: &[f32], reference: &[f64])
 
 /// Compares an attention output with the reference, element by element, with the element bound
 /// of `precision`.
-pub fn check_attention_with(
+pub fn check_attention_with<T: Copy + Into<f64>>(
     precision: &Precision,
     inputs: &AttentionInputs,
-    gpu: &[f32],
+    gpu: &[T],
     reference: &[f64],
 ) -> Outcome {
     let p = &inputs.params;
@@ -398,7 +432,7 @@ pub fn check_attention_with(
                 let terms = if n > 0 && inputs.sinks.is_some() { n + 1 } else { n };
                 let bound = attention_element_bound_for(precision, terms, d, max_qk, max_v, p.softcap.map(f64::from));
                 for i in 0..d {
-                    let (got, want) = (f64::from(gpu[row + i]), reference[row + i]);
+                    let (got, want) = (gpu[row + i].into(), reference[row + i]);
                     let err = (got - want).abs();
                     // The NMSE counts the error beyond what denormal flushing may lose.
                     let excess = (err - denormal_floor(terms, d)).max(0.0);
@@ -469,22 +503,36 @@ pub fn run_append_with(
     case: &AppendCase,
 ) -> Result<(Outcome, AppendRun), RunError> {
     let inputs = append_inputs(case)?;
-    let p = inputs.params;
-    let AppendGpu { k_cache: gpu_k, v_cache: gpu_v } = imp.append(ctx, &inputs)?;
-    for (which, got) in [("K", &gpu_k), ("V", &gpu_v)] {
+    let gpu = imp.append(ctx, &inputs)?;
+    check_caches_len(imp.name(), &inputs, &gpu)?;
+    let AppendGpu { k_cache: gpu_k, v_cache: gpu_v } = gpu;
+    let (outcome, ref_k, ref_v) = judge_append_output(&inputs, &gpu_k, &gpu_v);
+    Ok((outcome, AppendRun { inputs, gpu_k, gpu_v, ref_k, ref_v }))
+}
+
+/// The caches an implementation returns after an append must have the inputs' size.
+pub(crate) fn check_caches_len(name: &str, inputs: &AppendInputs, gpu: &AppendGpu) -> Result<(), RunError> {
+    for (which, got) in [("K", &gpu.k_cache), ("V", &gpu.v_cache)] {
         if got.len() != inputs.k_before.len() {
             return Err(RunError::Implementation {
-                implementation: imp.name().to_string(),
+                implementation: name.to_string(),
                 message: format!("returned a {which} cache of {} bytes, {} expected", got.len(), inputs.k_before.len()),
             });
         }
     }
+    Ok(())
+}
+
+/// Judges the caches an implementation left after an append against the reference's; returns
+/// the reference caches too.
+pub fn judge_append_output(inputs: &AppendInputs, gpu_k: &Vec<u8>, gpu_v: &Vec<u8>) -> (Outcome, Vec<u8>, Vec<u8>) {
+    let p = &inputs.params;
     let starts: Vec<usize> = inputs.starts.iter().map(|&s| s as usize).collect();
     let (mut ref_k, mut ref_v) = (inputs.k_before.clone(), inputs.v_before.clone());
     vkdecode_reference::kv_append(p.dtype, &mut ref_k, &p.layout, &inputs.new_k, p.n_new, &starts);
     vkdecode_reference::kv_append(p.dtype, &mut ref_v, &p.layout, &inputs.new_v, p.n_new, &starts);
-    let outcome = check_append(&inputs, [("K", &gpu_k, &ref_k), ("V", &gpu_v, &ref_v)]);
-    Ok((outcome, AppendRun { inputs, gpu_k, gpu_v, ref_k, ref_v }))
+    let outcome = check_append(inputs, [("K", gpu_k, &ref_k), ("V", gpu_v, &ref_v)]);
+    (outcome, ref_k, ref_v)
 }
 
 /// Compares caches after an append element by element, bit for bit.

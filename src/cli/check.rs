@@ -49,6 +49,8 @@ pub struct CheckArgs {
     /// first variant that admits each case]
     #[arg(long, value_name = "NAME", requires = "manifest")]
     variant: Option<String>,
+    #[command(flatten)]
+    external: ExternalArgs,
     /// Verdicts known in advance: a TOML `[fail]` table of `"case name" = "reason"`; those cases
     /// must fail
     #[arg(long, value_name = "FILE")]
@@ -69,13 +71,38 @@ fn parse_harness_mutant(name: &str) -> Result<HarnessMutant, String> {
     })
 }
 
-/// The implementation under test: a manifest's kernel or vkdecode's own (with its mutant).
+/// A runtime behind a worker process as the implementation under test (docs/BYOK.md).
+#[derive(Args)]
+pub struct ExternalArgs {
+    /// Judge a runtime behind a worker process (`sh -c CMD`, JSON lines; docs/BYOK.md) instead
+    /// of vkdecode's own kernels; needs --caps
+    #[arg(long, value_name = "CMD", requires = "caps", conflicts_with_all = ["manifest", "mutant"])]
+    external: Option<String>,
+    /// With --external: the runtime's capabilities, precision profile and slot contract
+    #[arg(long, value_name = "FILE", requires = "external")]
+    caps: Option<PathBuf>,
+    /// With --external: most time the worker may take for one case
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    timeout: u64,
+}
+
+/// The implementation under test: a manifest's kernel, a worker process, or vkdecode's own
+/// (with its mutant).
 pub fn implementation(
     manifest: Option<&std::path::Path>,
     variant: Option<&str>,
+    external: &ExternalArgs,
     mutant: Option<Mutant>,
     info: &vkdecode::gpu::DeviceInfo,
 ) -> anyhow::Result<Arc<dyn Implementation>> {
+    if let (Some(command), Some(caps)) = (&external.external, &external.caps) {
+        let caps = vkdecode::external::CapsFile::load(caps).map_err(anyhow::Error::msg)?;
+        let scratch = std::env::temp_dir().join(format!("vkdecode-external-{}", std::process::id()));
+        let timeout = std::time::Duration::from_secs(external.timeout);
+        return Ok(vkdecode::external::External::new(caps, command, 1, timeout, &scratch)
+            .map_err(anyhow::Error::msg)?
+            .arc());
+    }
     Ok(match manifest {
         None => Arc::new(Builtin::with_mutant(mutant)),
         Some(path) => {
@@ -115,7 +142,7 @@ fn select_cases(args: &CheckArgs) -> anyhow::Result<Vec<(String, Case)>> {
     Ok(cases)
 }
 
-fn progress_bar(len: usize, quiet: bool) -> ProgressBar {
+pub(super) fn progress_bar(len: usize, quiet: bool) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     if quiet || !std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -135,7 +162,8 @@ pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
         None => Expectations::default(),
     };
     let ctx = global.open_context()?;
-    let imp = implementation(args.manifest.as_deref(), args.variant.as_deref(), args.mutant, ctx.info())?;
+    let imp =
+        implementation(args.manifest.as_deref(), args.variant.as_deref(), &args.external, args.mutant, ctx.info())?;
     if let Some(m) = args.mutant
         && !args.json
     {
@@ -214,7 +242,7 @@ pub fn run(global: &Global, args: &CheckArgs) -> anyhow::Result<Finish> {
 }
 
 /// The table, the failures in detail, and the summary line.
-fn render(results: &[CaseResult]) -> String {
+pub(super) fn render(results: &[CaseResult]) -> String {
     let mut table = Table::new(&[
         ("name", Align::Left),
         ("kernel", Align::Left),

@@ -11,6 +11,7 @@ mod bench_decode;
 mod check;
 mod devices;
 mod dump;
+mod export;
 mod gate;
 mod generate;
 mod replay;
@@ -72,6 +73,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Greedy Qwen3 decoding on the GPU (a checkpoint directory or random weights of a real shape)
     Generate(generate::GenerateArgs),
+    /// Write cases as folders of .npy inputs for a runtime in another language (docs/BYOK.md)
+    Export(export::ExportArgs),
+    /// Judge the results a runtime wrote into exported case folders (exit 0 all pass, 1 some
+    /// fail, 2 unreadable export)
+    Judge(export::JudgeArgs),
     /// Rerun the throughput set and compare it with a baseline of this device (exit 1 on a
     /// regression beyond the tolerance and the noise)
     #[command(after_help = gate::GATE_HELP)]
@@ -117,6 +123,8 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Gate(args) => gate::run(&cli.global, args),
+        Command::Export(args) => export::run_export(args),
+        Command::Judge(args) => export::run_judge(args),
     };
     match result {
         Ok(Finish::AllAsExpected) => ExitCode::SUCCESS,

@@ -42,6 +42,8 @@ pub struct ReplayArgs {
     /// With --manifest: run only this variant
     #[arg(long, value_name = "NAME", requires = "manifest")]
     variant: Option<String>,
+    #[command(flatten)]
+    external: super::check::ExternalArgs,
 }
 
 /// One replayed file.
@@ -96,7 +98,13 @@ pub fn run(global: &Global, args: &ReplayArgs) -> anyhow::Result<Finish> {
     };
     let ctx = global.open_context()?;
     let mutant = args.mutant;
-    let imp = super::check::implementation(args.manifest.as_deref(), args.variant.as_deref(), mutant, ctx.info())?;
+    let imp = super::check::implementation(
+        args.manifest.as_deref(),
+        args.variant.as_deref(),
+        &args.external,
+        mutant,
+        ctx.info(),
+    )?;
     let mut replayed = Vec::with_capacity(cases.len());
     for (i, (file, case)) in args.files.iter().zip(&cases).enumerate() {
         let name = file.display().to_string();

@@ -57,6 +57,28 @@ pub trait Implementation: Send + Sync {
         let _ = (ctx, inputs);
         Err(RunError::NotImplemented { implementation: self.name().to_string(), kernel: "kv_append" })
     }
+
+    /// What `vkdecode replay FILE` needs after the file to run a case on this implementation
+    /// (` --manifest m.toml`), for the fuzzer's reproducer lines; empty for vkdecode's own.
+    fn replay_args(&self) -> String {
+        String::new()
+    }
+
+    /// Cases it prefers per call of the batch methods (a worker process amortizes a round trip
+    /// over a batch); campaigns hand it batches of this size. 1: one case at a time.
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Runs several attention calls, one result each, in order.
+    fn attention_batch(&self, ctx: &Arc<Context>, inputs: &[&AttentionInputs]) -> Vec<Result<AttentionGpu, RunError>> {
+        inputs.iter().map(|i| self.attention(ctx, i)).collect()
+    }
+
+    /// Runs several appends, one result each, in order.
+    fn append_batch(&self, ctx: &Arc<Context>, inputs: &[&AppendInputs]) -> Vec<Result<AppendGpu, RunError>> {
+        inputs.iter().map(|i| self.append(ctx, i)).collect()
+    }
 }
 
 /// The verdict on one case for one implementation.
@@ -142,6 +164,83 @@ impl HarnessMutant {
         }
         wrong
     }
+}
+
+/// The inputs of one admitted case.
+enum Prepared {
+    Attention(AttentionInputs),
+    Append(AppendInputs),
+}
+
+/// Runs `cases` on `imp` through its batch methods (one call per kernel family) and judges each,
+/// in order, exactly as [`judge_case`] would one by one. Validation-layer messages raised while
+/// the batch ran fail every case that ran in it (they cannot be told apart).
+pub fn judge_batch(ctx: &Arc<Context>, imp: &dyn Implementation, cases: &[Case]) -> Vec<Result<Judged, RunError>> {
+    use crate::cases::data::{append_inputs, attention_inputs_for};
+    let caps = imp.capabilities();
+    let prepared: Vec<Result<Result<Prepared, String>, RunError>> = cases
+        .iter()
+        .map(|case| {
+            if let Err(Unsupported(reason)) = caps.admits(case) {
+                return Ok(Err(reason));
+            }
+            Ok(Ok(match case {
+                Case::Attention(c) => Prepared::Attention(attention_inputs_for(c, caps.unread_slots)?),
+                Case::KvAppend(c) => Prepared::Append(append_inputs(c)?),
+            }))
+        })
+        .collect();
+    let attention: Vec<&AttentionInputs> = prepared
+        .iter()
+        .filter_map(|p| match p {
+            Ok(Ok(Prepared::Attention(i))) => Some(i),
+            _ => None,
+        })
+        .collect();
+    let append: Vec<&AppendInputs> = prepared
+        .iter()
+        .filter_map(|p| match p {
+            Ok(Ok(Prepared::Append(i))) => Some(i),
+            _ => None,
+        })
+        .collect();
+    let mut attention_out =
+        if attention.is_empty() { Vec::new() } else { imp.attention_batch(ctx, &attention) }.into_iter();
+    let mut append_out = if append.is_empty() { Vec::new() } else { imp.append_batch(ctx, &append) }.into_iter();
+    let messages = ctx.take_validation_messages();
+    let missing = || RunError::Implementation {
+        implementation: imp.name().to_string(),
+        message: "a batch call returned fewer results than inputs".into(),
+    };
+    prepared
+        .into_iter()
+        .map(|p| {
+            let mut outcome = match p? {
+                Err(reason) => return Ok(Judged::Unsupported(reason)),
+                Ok(Prepared::Attention(inputs)) => {
+                    let gpu = match attention_out.next().ok_or_else(missing)? {
+                        Err(RunError::Unsupported(reason)) => return Ok(Judged::Unsupported(reason)),
+                        other => other?,
+                    };
+                    crate::cases::run::check_output_len(imp.name(), &inputs, gpu.out.len())?;
+                    crate::cases::run::judge_attention_output(&caps.precision, &inputs, &gpu.out, &gpu).0
+                }
+                Ok(Prepared::Append(inputs)) => {
+                    let gpu = match append_out.next().ok_or_else(missing)? {
+                        Err(RunError::Unsupported(reason)) => return Ok(Judged::Unsupported(reason)),
+                        other => other?,
+                    };
+                    crate::cases::run::check_caches_len(imp.name(), &inputs, &gpu)?;
+                    crate::cases::run::judge_append_output(&inputs, &gpu.k_cache, &gpu.v_cache).0
+                }
+            };
+            if !messages.is_empty() {
+                outcome.passed = false;
+                outcome.detail = Some(format!("{} validation message(s):\n{}", messages.len(), messages.join("\n")));
+            }
+            Ok(Judged::Ran(outcome))
+        })
+        .collect()
 }
 
 /// Runs one case on `imp` and judges it (see the module notes); `harness` feeds it wrong inputs.

@@ -323,6 +323,13 @@ impl Implementation for ManifestKernel {
         &self.name
     }
 
+    fn replay_args(&self) -> String {
+        let path = crate::cases::campaign::shell_word(&self.manifest.path.display().to_string());
+        let variant =
+            self.variant.map(|v| format!(" --variant {}", self.manifest.variants[v].name)).unwrap_or_default();
+        format!(" --manifest {path}{variant}")
+    }
+
     fn capabilities(&self) -> &Capabilities {
         &self.manifest.capabilities
     }

@@ -3,7 +3,7 @@
 # copy of the tree after staging here, with
 #   ../shared/device/stage.sh -p vkdecode -p vkdecode-fuzz
 #   mkdir -p .dev/ggml-spirv && cp target/tmp/ggml-spirv/*.spv .dev/ggml-spirv/   # from `cargo test --test ggml`
-# and carrying .gl and .dev. Writes logs under $OUT and prints a short summary.
+# and carrying .gl and .dev. Writes logs under $LOGS (default $OUT) and prints a short summary.
 #   targets/ggml/gpu-run.sh suites      every suite with validation, ggml's kernel on all cases, and
 #                                       bench attention with the manifest beside vkdecode's kernels
 #   targets/ggml/gpu-run.sh campaign S  a campaign of S seconds against the f32_f16 build (--jobs 16;
@@ -11,27 +11,28 @@
 set -u
 for f in .gl/*.deb; do dpkg -x "$f" / >/dev/null; done; ldconfig
 B=.dev/bin
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOGS=${LOGS:-${OUT:-/tmp/out}}; mkdir -p "$LOGS"
 export VKDECODE_GGML_SPIRV=$PWD/.dev/ggml-spirv GGML_SPIRV=$PWD/.dev/ggml-spirv
-$B/vkdecode devices > "$OUT/devices.txt" 2>&1 ||
+$B/vkdecode devices > "$LOGS/devices.txt" 2>&1 ||
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+$B/vkdecode devices 2>&1 | head -3; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "${1:-}" in
 suites)
     for t in conformance mutants manifest qwen3_reference qwen3_tokens vkdecode-lib-unit properties ggml; do
         s=$(date +%s)
-        args=(--test-threads=4)
+        args=(--test-threads=${THREADS:-8})
         [ "$t" = ggml ] && args+=(--include-ignored)
-        VKDECODE_VALIDATION=1 $B/$t "${args[@]}" > "$OUT/$t.log" 2>&1
-        echo "$t rc=$? $(( $(date +%s) - s ))s $(grep -E '^test result' "$OUT/$t.log" | tail -1)"
+        VKDECODE_VALIDATION=1 timeout "${SUITE_TIMEOUT:-300}" $B/$t "${args[@]}" > "$LOGS/$t.log" 2>&1
+        echo "$t rc=$? $(( $(date +%s) - s ))s $(grep -E '^test result' "$LOGS/$t.log" | tail -1)"
     done
-    $B/vkdecode bench attention --manifest targets/ggml/fa-f32-f16.toml > "$OUT/bench.txt" 2>&1
-    echo "bench rc=$?"; tail -28 "$OUT/bench.txt"
+    $B/vkdecode bench attention --manifest targets/ggml/fa-f32-f16.toml > "$LOGS/bench.txt" 2>&1
+    echo "bench rc=$?"; tail -28 "$LOGS/bench.txt"
     ;;
 campaign)
-    mkdir -p "$OUT/corpus"
-    $B/vkdecode-fuzz --manifest targets/ggml/fa-f32-f16.toml --duration "${2:-570}s" --jobs 16 --seed 2026 \
-        --shard "${SHARD:-0/1}" --corpus "$OUT/corpus" --json "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&1
-    echo "fuzz rc=$?"; tail -40 "$OUT/fuzz.log"
+    mkdir -p "$LOGS/corpus"
+    $B/vkdecode-fuzz --manifest targets/ggml/fa-f32-f16.toml --duration "${2:-570}s" --jobs "${JOBS:-16}" --seed 2026 \
+        --shard "${SHARD:-0/1}" --corpus "$LOGS/corpus" --json "$LOGS/fuzz.json" > "$LOGS/fuzz.log" 2>&1
+    echo "fuzz rc=$?"; grep -E "cases in|passed, |^- |reproduce" "$LOGS/fuzz.log"
     ;;
 *) echo "usage: $0 suites | campaign SECONDS" >&2; exit 2 ;;
 esac

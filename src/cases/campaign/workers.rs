@@ -33,7 +33,7 @@ use std::time::Instant;
 use super::mix::FuzzCase;
 use super::shard::{draw, runner_config};
 use super::stats::Timings;
-use super::{CampaignError, CampaignOptions, Verdict, campaign_strategy, run_guarded};
+use super::{CampaignError, CampaignOptions, UnderTest, Verdict, campaign_strategy, run_batch_guarded, run_guarded};
 use crate::gpu::Context;
 
 /// A case a worker ran.
@@ -160,48 +160,82 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
-/// One worker: takes indices until the limit, a halt or the end of the sequence.
+/// One worker: takes indices until the limit, a halt or the end of the sequence. An
+/// implementation under test with a batch size above 1 gets its cases that many at a time
+/// (consecutive indices), each judged and sent back on its own.
 pub(super) fn work(shared: &Shared, results: Sender<Report>) {
     let mut guard = PanicGuard { shared, index: None };
     // Built here: proptest's boxed strategies cannot cross threads.
     let strategy = campaign_strategy(&shared.options);
     let config = runner_config();
     let options = &shared.options;
+    let under_test = options.implementation.as_ref().map(|UnderTest(imp)| &**imp);
+    let batch = under_test.map_or(1, |imp| imp.batch_size().max(1)) as u64;
     while !shared.halt.load(Ordering::SeqCst) {
-        let index = shared.next.fetch_add(1, Ordering::SeqCst);
-        if index >= shared.limit() {
-            break;
-        }
-        guard.index = Some(index);
-        let Some(global_index) = options.shard.global_index(index) else {
-            let _ = results.send(Report::Exhausted { index });
-            break;
-        };
-        let start = Instant::now();
-        let tree = match draw(&strategy, &config, options.seed, global_index) {
-            Ok(tree) => tree,
-            Err(reason) => {
-                let _ = results.send(Report::DrawFailed { index, global_index, reason });
+        let first = shared.next.fetch_add(batch, Ordering::SeqCst);
+        let mut drawn: Vec<(u64, u64, FuzzCase, Timings)> = Vec::new();
+        let mut last = false;
+        for index in first..first + batch {
+            if index >= shared.limit() {
+                last = true;
                 break;
             }
-        };
-        let case = tree.current();
-        let mut timings = Timings { generate: start.elapsed(), ..Timings::default() };
+            guard.index = Some(index);
+            let Some(global_index) = options.shard.global_index(index) else {
+                let _ = results.send(Report::Exhausted { index });
+                last = true;
+                break;
+            };
+            let start = Instant::now();
+            match draw(&strategy, &config, options.seed, global_index) {
+                Ok(tree) => {
+                    let timings = Timings { generate: start.elapsed(), ..Timings::default() };
+                    drawn.push((index, global_index, tree.current(), timings));
+                }
+                Err(reason) => {
+                    let _ = results.send(Report::DrawFailed { index, global_index, reason });
+                    last = true;
+                    break;
+                }
+            }
+        }
         let (epoch, ctx) = shared.device();
-        let verdict =
-            run_guarded(&ctx, &case, options.mutant, options.implementation.as_ref(), &mut timings, &shared.exclusive);
+        let verdicts = match under_test {
+            Some(imp) if batch > 1 && !drawn.is_empty() => {
+                let cases: Vec<FuzzCase> = drawn.iter().map(|d| d.2.clone()).collect();
+                let mut shared_timings = Timings::default();
+                let verdicts = run_batch_guarded(&ctx, &cases, imp, &mut shared_timings, &shared.exclusive);
+                // The batch's device time, shared evenly among its cases.
+                let each = shared_timings.device / drawn.len() as u32;
+                drawn.iter_mut().for_each(|d| d.3.device += each);
+                verdicts
+            }
+            _ => drawn
+                .iter_mut()
+                .map(|(_, _, case, timings)| {
+                    run_guarded(&ctx, case, options.mutant, options.implementation.as_ref(), timings, &shared.exclusive)
+                })
+                .collect(),
+        };
         drop(ctx);
-        let failed = matches!(verdict, Verdict::Mismatch(_) | Verdict::DeviceError { .. });
-        if failed && options.fail_fast {
-            shared.limit.fetch_min(index + 1, Ordering::SeqCst);
+        let mut reopened = false;
+        for ((index, global_index, case, timings), verdict) in drawn.into_iter().zip(verdicts) {
+            let failed = matches!(verdict, Verdict::Mismatch(_) | Verdict::DeviceError { .. });
+            if failed && options.fail_fast {
+                shared.limit.fetch_min(index + 1, Ordering::SeqCst);
+            }
+            if matches!(verdict, Verdict::DeviceError { .. }) && !reopened {
+                reopened = true;
+                if let Err(e) = shared.reopen(epoch) {
+                    shared.fail(e);
+                }
+            }
+            if results.send(Report::Ran(Box::new(Ran { index, global_index, case, verdict, timings }))).is_err() {
+                // The campaign was dropped.
+                return;
+            }
         }
-        if matches!(verdict, Verdict::DeviceError { .. })
-            && let Err(e) = shared.reopen(epoch)
-        {
-            shared.fail(e);
-        }
-        if results.send(Report::Ran(Box::new(Ran { index, global_index, case, verdict, timings }))).is_err() {
-            // The campaign was dropped.
+        if last {
             break;
         }
     }
