@@ -243,6 +243,18 @@ fn judge_names_every_way_a_result_can_be_wrong_and_leaves_the_folder_alone() {
     let out = cli(&[&tmp.0.join("nan"), &tmp.0.join("tamper")]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 passed, 2 failed"));
+    let saved = tmp.0.join("saved");
+    let out = Command::new(env!("CARGO_BIN_EXE_vkdecode"))
+        .arg("judge")
+        .arg(tmp.0.join("nan"))
+        .arg("--save-failures")
+        .arg(&saved)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(1));
+    let back =
+        vkdecode::cases::corpus::load_case(&saved.join("attention/bad.nan.json")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, case, "the saved failure is the exported case");
     let out = cli(&[&tmp.0]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("index.json"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -296,4 +308,34 @@ fn a_worker_that_fails_gets_a_verdict_that_says_how_and_is_restarted() {
         Ok(Judged::Ran(o)) => assert!(!o.passed && o.checked > 0),
         other => panic!("the restarted worker gave {other:?}"),
     }
+}
+
+#[test]
+fn export_draws_inside_the_capabilities_and_never_writes_over_a_folder() {
+    let tmp = TempDir::new("draw");
+    let dir = tmp.0.join("drawn");
+    let export = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vkdecode"))
+            .arg("export")
+            .arg(&dir)
+            .args(["--caps", &format!("{RUNNERS}/numpy_f16.toml"), "--draw", "12", "--seed", "5"])
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let out = export(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dirs = case_dirs(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dirs.len(), 12);
+    for d in &dirs {
+        let (meta, case) = vkdecode::external::judge::read_meta(d).unwrap_or_else(|e| panic!("{e}"));
+        let Case::Attention(c) = case else { panic!("numpy-f16 declares attention only: {}", meta.name) };
+        assert!(!c.fused && c.split_chunk.is_none(), "{}: outside the declared options", meta.name);
+        assert_eq!(meta.precision, vkdecode::implementation::Precision::F16_SOFTMAX);
+    }
+    let before = snapshot(&dir);
+    let again = export(&[]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(before == snapshot(&dir), "a second export changed the folder");
 }

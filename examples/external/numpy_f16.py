@@ -62,11 +62,13 @@ def _row(qs, k, v, softcap, sinks):
         alpha = np.exp(m - m_new).astype(F16)  # rescales what earlier tiles summed
         p = np.exp(s - m_new).astype(F16)  # the weights as P·V reads them
         # f16 × f16 products are exact in f32: the tile's P·V is summed there and rounded
-        # once; NumPy's f16 arithmetic rounds every operation below to f16.
-        pv = (p.astype(F32) @ v16[:, j:j + TILE].astype(F32)).astype(F16)
+        # once, after the division by l; NumPy's f16 arithmetic rounds the rest to f16.
+        pv = p.astype(F32) @ v16[:, j:j + TILE].astype(F32)
         kept = l * alpha.astype(F32)
         l = kept + p.sum(axis=-1, keepdims=True, dtype=F32)
-        o = o * (kept / l).astype(F16) + pv / l.astype(F16)
+        # The tile's share is divided by l before it is rounded: Σ p·v of one tile alone can pass
+        # 65504 (corpus/attention/f16-accumulator-overflow).
+        o = o * (kept / l).astype(F16) + (pv / l).astype(F16)
         m = m_new
     if sinks is not None:
         # The sink is one more tile with a single logit and no value.

@@ -317,10 +317,15 @@ mod tests {
         let good = encode_npy(&[2], NpyData::F32(&[1.0, 2.0])).unwrap();
         assert!(decode_npy(b"hello").unwrap_err().contains("magic"));
         assert!(decode_npy(&good[..good.len() - 1]).unwrap_err().contains("needs 8"));
-        let fortran = String::from_utf8_lossy(&good).replace("False", "True ").into_bytes();
-        assert!(decode_npy(&fortran).unwrap_err().contains("Fortran"));
-        let odd = String::from_utf8_lossy(&good).replace("<f4", "<c8").into_bytes();
-        assert!(decode_npy(&odd).unwrap_err().contains("unsupported dtype <c8"));
+        // The header is ASCII: edit it in place (the magic and the data are not UTF-8).
+        let edit = |from: &[u8], to: &[u8]| {
+            let mut bytes = good.clone();
+            let at = bytes.windows(from.len()).position(|w| w == from).expect("in the header");
+            bytes[at..at + to.len()].copy_from_slice(to);
+            bytes
+        };
+        assert!(decode_npy(&edit(b"False", b"True ")).unwrap_err().contains("Fortran"));
+        assert!(decode_npy(&edit(b"<f4", b"<c8")).unwrap_err().contains("unsupported dtype <c8"));
     }
 
     #[test]

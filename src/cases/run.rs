@@ -11,7 +11,7 @@ use vkdecode_reference::{AttentionOptions, AttentionShape, decode_attention_with
 
 use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs_for};
 use super::model::{AppendCase, AttentionCase, Case};
-use super::tolerance::{ATTENTION_MAX_NMSE, Precision, attention_element_bound_for, denormal_floor};
+use super::tolerance::{ATTENTION_MAX_NMSE, Precision, absolute_floor_for, attention_element_bound_for};
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::implementation::{AppendGpu, Builtin, HarnessMutant, Implementation, Judged, judge_case};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
@@ -434,8 +434,9 @@ pub fn check_attention_with<T: Copy + Into<f64>>(
                 for i in 0..d {
                     let (got, want) = (gpu[row + i].into(), reference[row + i]);
                     let err = (got - want).abs();
-                    // The NMSE counts the error beyond what denormal flushing may lose.
-                    let excess = (err - denormal_floor(terms, d)).max(0.0);
+                    // The NMSE counts the error beyond what denormal flushing and the profile's
+                    // underflow may lose.
+                    let excess = (err - absolute_floor_for(precision, terms, d)).max(0.0);
                     err2 += if err.is_finite() { excess * excess } else { f64::INFINITY };
                     ref2 += want * want;
                     let ok = err <= bound; // false for NaN
