@@ -330,6 +330,17 @@ fn campaign(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool) -> ExitCode {
     code
 }
 
+/// The kernels the campaign draws: those asked for that the implementation under test has.
+fn kernels_run(campaign: &Campaign) -> Vec<&'static str> {
+    let options = campaign.options();
+    let mut names = options.kernels.names();
+    if let Some(UnderTest(imp)) = &options.implementation {
+        let has = &imp.capabilities().kernels;
+        names.retain(|n| has.iter().any(|k| k.name() == *n));
+    }
+    names
+}
+
 fn campaign_with(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool, scratch: &std::path::Path) -> ExitCode {
     let corpus = cli.corpus.clone().unwrap_or_else(default_corpus_dir);
     let manifest = match cli.manifest.as_deref().map(Manifest::load).transpose() {
@@ -394,7 +405,7 @@ fn campaign_with(cli: &Cli, seed: u64, shard: Shard, stop: &AtomicBool, scratch:
     };
     note(&format!(
         "vkdecode-fuzz: seed {seed}, shard {shard}, kernels {}, {budget}, {} jobs, device {}{}{}; failures go to {}",
-        cli.kernels.names().join(","),
+        kernels_run(&campaign).join(","),
         campaign.options().jobs,
         campaign.device().name,
         if campaign.context().validation_enabled() { ", validation on" } else { "" },

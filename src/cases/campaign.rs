@@ -645,8 +645,10 @@ impl Campaign {
         let detail = final_verdict.summary();
         let mut written = shrunk.case.clone();
         let mutant = self.options().mutant.map(|m| format!(" with --mutant {}", m.name())).unwrap_or_default();
+        let against = self.options().implementation.as_ref().map(|UnderTest(imp)| format!(" against {}", imp.name()));
+        let against = against.unwrap_or_default();
         let description = format!(
-            "vkdecode-fuzz finding ({}): {}. Found by `vkdecode-fuzz --seed {} --shard {}`{mutant} at case {index}.",
+            "vkdecode-fuzz finding ({}): {}. Found by `vkdecode-fuzz --seed {} --shard {}`{mutant}{against} at case {index}.",
             shrunk.origin,
             clip(&final_verdict.first_line(), 200),
             self.options().seed,
