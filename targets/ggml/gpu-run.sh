@@ -30,7 +30,7 @@ suites)
     ;;
 campaign)
     mkdir -p "$LOGS/corpus"
-    $B/vkdecode-fuzz --manifest targets/ggml/fa-f32-f16.toml --duration "${2:-570}s" --jobs "${JOBS:-16}" --seed 2026 \
+    $B/vkdecode-fuzz --manifest targets/ggml/fa-f32-f16.toml --duration "${2:-570}s" --jobs "${JOBS:-16}" --seed "${SEED:-2026}" --shrink-time 30s \
         --shard "${SHARD:-0/1}" --corpus "$LOGS/corpus" --json "$LOGS/fuzz.json" > "$LOGS/fuzz.log" 2>&1
     echo "fuzz rc=$?"; grep -E "cases in|passed, |^- |reproduce" "$LOGS/fuzz.log"
     ;;

@@ -43,15 +43,19 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "judge-*.json"))):
         print(f"{backend:<10} {dtype:<9} unreadable: {e}"); continue
     count = lambda v: sum(x["verdict"] == v for x in r)
     ran = [x["outcome"] for x in r if x["outcome"]]
-    nmse = max((o["nmse"] for o in ran), default=float("nan"))
-    ratio = max((o["worst_ratio"] for o in ran), default=float("nan"))
+    num = lambda v: float("inf") if v is None else v  # JSON writes NaN and Inf as null
+    nmse = max((num(o["nmse"]) for o in ran), default=float("nan"))
+    ratio = max((num(o["worst_ratio"]) for o in ran), default=float("nan"))
     print(f"{backend:<10} {dtype:<9} {count('ok'):>4} {count('FAIL'):>4} {count('ERROR'):>4} {count('unsupported'):>4} {nmse:>10.2e} {ratio:>16.3e}")
+    for x in r:
+        if x["verdict"] in ("FAIL", "ERROR"):
+            print("    ", x["verdict"], x["name"], ((x["outcome"] or {}).get("detail") or x["error"] or "")[:160])
 PY
     ;;
 campaign)
     while read -r backend dtype caps; do
         $B/vkdecode-fuzz --external "$PY $R/torch_sdpa.py --backend $backend --dtype $dtype --worker" \
-            --caps "$R/$caps" --batch 16 --jobs 3 --duration "${2:-300}s" --seed 2026 --shard "${SHARD:-0/1}" \
+            --caps "$R/$caps" --batch 16 --jobs 3 --duration "${2:-300}s" --seed "${SEED:-2026}" --shrink-time 30s --shard "${SHARD:-0/1}" \
             --corpus "$LOGS/corpus-$backend-$dtype" --json "$LOGS/fuzz-$backend-$dtype.json" \
             > "$LOGS/fuzz-$backend-$dtype.log" 2>&1 &
     done < <(echo "$RUNS" | grep -E '^(math float32|flash float16|efficient float16|cudnn bfloat16) ')
