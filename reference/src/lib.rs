@@ -9,9 +9,12 @@ pub mod attention;
 pub mod dtype;
 pub mod kv_append;
 pub mod layout;
+pub mod paged;
+pub mod q8_0;
 pub mod qwen3;
 
 pub use attention::{AttentionOptions, AttentionShape, decode_attention, decode_attention_with};
 pub use dtype::Dtype;
 pub use kv_append::kv_append;
 pub use layout::CacheLayout;
+pub use paged::{PagedLayout, kv_append_paged};
