@@ -42,14 +42,29 @@ pub fn kv_append(dtype: Dtype, cache: &mut [u8], layout: &CacheLayout, new: &[f3
     assert!(cache.len() >= needed, "cache holds {} bytes, layout needs {needed}", cache.len());
     assert!(!layout.overlaps(), "cache layout maps distinct elements to the same place: {layout:?}");
 
+    write_tokens(dtype, cache, new, n_new, start, (n_kv_heads, head_dim), |b, h, pos, d| layout.offset(b, h, pos, d));
+}
+
+/// Writes `new` (`[B][n_new][Hkv][D]` contiguous, its length checked by the caller) at position
+/// `start[b] + t` of every sequence, element (b, h, pos, d) at `offset(b, h, pos, d)`: the loop
+/// of [`kv_append`] and of [`crate::paged::kv_append_paged`].
+pub(crate) fn write_tokens(
+    dtype: Dtype,
+    buf: &mut [u8],
+    new: &[f32],
+    n_new: usize,
+    start: &[usize],
+    (n_kv_heads, head_dim): (usize, usize),
+    offset: impl Fn(usize, usize, usize, usize) -> usize,
+) {
     // `new` is walked in its own contiguous order, so its index is just the running count.
     let mut values = new.iter();
     for (b, &s) in start.iter().enumerate() {
         for t in 0..n_new {
             for h in 0..n_kv_heads {
                 for d in 0..head_dim {
-                    let x = *values.next().expect("length checked above");
-                    dtype::store(dtype, cache, layout.offset(b, h, s + t, d), dtype::encode(dtype, x));
+                    let x = *values.next().expect("length checked by the caller");
+                    dtype::store(dtype, buf, offset(b, h, s + t, d), dtype::encode(dtype, x));
                 }
             }
         }

@@ -26,10 +26,7 @@
 
 #[cfg(doc)]
 use crate::{attention::decode_attention_with, kv_append::kv_append};
-use crate::{
-    dtype::{self, Dtype},
-    layout::CacheLayout,
-};
+use crate::{dtype::Dtype, layout::CacheLayout};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -250,18 +247,8 @@ pub fn kv_append_paged(
     assert!(pool.len() >= needed, "pool holds {} bytes, layout needs {needed}", pool.len());
     assert_no_slot_written_twice(layout, n_new, start);
 
-    // `new` is walked in its own contiguous order, so its index is just the running count.
-    let mut values = new.iter();
-    for (b, &s) in start.iter().enumerate() {
-        for t in 0..n_new {
-            for h in 0..n_kv_heads {
-                for d in 0..head_dim {
-                    let x = *values.next().expect("length checked above");
-                    dtype::store(dtype, pool, layout.offset(b, h, s + t, d), dtype::encode(dtype, x));
-                }
-            }
-        }
-    }
+    let dims = (n_kv_heads, head_dim);
+    crate::kv_append::write_tokens(dtype, pool, new, n_new, start, dims, |b, h, pos, d| layout.offset(b, h, pos, d));
 }
 
 /// Panics if two sequences' new tokens land in one (page, slot): with shared pages the tables
@@ -285,7 +272,7 @@ fn assert_no_slot_written_twice(layout: &PagedLayout, n_new: usize, start: &[usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::{decode, load};
+    use crate::dtype::{self, decode, load};
     use crate::kv_append::kv_append;
 
     /// xorshift64: a tiny deterministic PRNG so the tests need no extra crates.
