@@ -236,66 +236,61 @@ pub fn case_meta(
     caps: &Capabilities,
     arrays: &[Array],
 ) -> CaseMeta {
-    let specs = arrays.iter().map(|a| (a.name.to_string(), a.spec.clone())).collect();
     let files = |names: &[&str]| names.iter().map(|n| (n.to_string(), format!("result/{n}.npy"))).collect();
+    let shape = |dims: &[(&str, usize)]| dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    // The fields every kernel's case.json has; each kernel's arm fills in the rest.
+    let common = |kernel: &str, semantics: &str, dtype, layout: &crate::kernels::CacheLayout| CaseMeta {
+        format: FORMAT.into(),
+        name: name.into(),
+        kernel: kernel.into(),
+        semantics: semantics.into(),
+        case: case.cloned(),
+        precision: caps.precision,
+        slots: caps.unread_slots,
+        dtype,
+        shape: BTreeMap::new(),
+        layout: layout_spec(layout_kind(layout), layout),
+        scale: None,
+        window: None,
+        softcap: None,
+        sinks: false,
+        fused: false,
+        arrays: arrays.iter().map(|a| (a.name.to_string(), a.spec.clone())).collect(),
+        result: BTreeMap::new(),
+    };
     match inputs {
         Inputs::Attention(i) => {
             let p = &i.params;
-            let shape = [
-                ("n_seqs", p.n_seqs),
-                ("n_queries", p.n_queries),
-                ("n_q_heads", p.n_q_heads),
-                ("n_kv_heads", p.n_kv_heads),
-                ("head_dim", p.head_dim),
-                ("capacity", p.layout.capacity),
-            ];
             CaseMeta {
-                format: FORMAT.into(),
-                name: name.into(),
-                kernel: "attention".into(),
-                semantics: ATTENTION_SEMANTICS.into(),
-                case: case.cloned(),
-                precision: caps.precision,
-                slots: caps.unread_slots,
-                dtype: p.dtype,
-                shape: shape.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-                layout: layout_spec(layout_kind(&p.layout), &p.layout),
+                shape: shape(&[
+                    ("n_seqs", p.n_seqs),
+                    ("n_queries", p.n_queries),
+                    ("n_q_heads", p.n_q_heads),
+                    ("n_kv_heads", p.n_kv_heads),
+                    ("head_dim", p.head_dim),
+                    ("capacity", p.layout.capacity),
+                ]),
                 scale: Some(p.scale),
                 window: p.window,
                 softcap: p.softcap,
                 sinks: i.sinks.is_some(),
                 fused: p.fused,
-                arrays: specs,
                 result: if p.fused { files(&["out", "k_cache", "v_cache"]) } else { files(&["out"]) },
+                ..common("attention", ATTENTION_SEMANTICS, p.dtype, &p.layout)
             }
         }
         Inputs::Append(i) => {
             let p = &i.params;
-            let shape = [
-                ("n_seqs", p.n_seqs),
-                ("n_new", p.n_new),
-                ("n_kv_heads", p.n_kv_heads),
-                ("head_dim", p.head_dim),
-                ("capacity", p.layout.capacity),
-            ];
             CaseMeta {
-                format: FORMAT.into(),
-                name: name.into(),
-                kernel: "kv_append".into(),
-                semantics: APPEND_SEMANTICS.into(),
-                case: case.cloned(),
-                precision: caps.precision,
-                slots: caps.unread_slots,
-                dtype: p.dtype,
-                shape: shape.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-                layout: layout_spec(layout_kind(&p.layout), &p.layout),
-                scale: None,
-                window: None,
-                softcap: None,
-                sinks: false,
-                fused: false,
-                arrays: specs,
+                shape: shape(&[
+                    ("n_seqs", p.n_seqs),
+                    ("n_new", p.n_new),
+                    ("n_kv_heads", p.n_kv_heads),
+                    ("head_dim", p.head_dim),
+                    ("capacity", p.layout.capacity),
+                ]),
                 result: files(&["k_cache", "v_cache"]),
+                ..common("kv_append", APPEND_SEMANTICS, p.dtype, &p.layout)
             }
         }
     }
