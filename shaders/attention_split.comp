@@ -46,6 +46,12 @@
 // to the new K row, through shared memory, so no separate dispatch and barrier precede attention.
 // Loops are bounded by the chunk: lavapipe's shader compiler silently stops a loop
 // after 65535 iterations. Bindings and push constants mirror src/kernels/attention.rs.
+//
+// PAGED (a specialization constant, so contiguous pipelines fold it away): the caches are a page
+// pool (stride_seq is the page stride, capacity a sequence's) and position pos of sequence b lives
+// in page block_tables[b][pos / page_size], slot pos % page_size, looked up per row in the same
+// loads (chunks may start and end anywhere in a page). The host validates the tables; an entry
+// past the table or a page outside the pool reads as a row of zeros and is never written.
 
 #if defined(VARIANT_F32_FUSED_QK)
 #define VARIANT_F32
@@ -86,6 +92,8 @@ const uint M_FUSED_READS_CACHE = 7;   // reads the new tokens from the slots bei
 const uint M_CHUNK_OVERLAP = 8;       // each chunk runs one position into the next
 const uint M_INTERLEAVED_ROPE = 9;    // _qk variants: rotates neighbours (2i, 2i+1)
 const uint M_SKIP_QK_NORM = 10;       // _qk variants: RoPE without the norm
+const uint M_PAGE_INDEX_OFF_BY_ONE = 11;     // paged: reads rows from the next page of the table
+const uint M_PAGE_SIZE_WRONG_CONSTANT = 12;  // paged: splits positions by 16, not the page size
 
 layout(constant_id = 1) const uint LANES = 16;   // invocations per K/V row (power of two)
 layout(constant_id = 2) const uint CPL = 1;      // runs of 8 dims per lane: head_dim ≤ 8·CPL·LANES
@@ -110,6 +118,7 @@ const uint M_MERGE_NO_RESCALE = 6;   // merges chunks without the exp(m_c − M)
 const uint FLAG_MERGE_HERE = 2u;   // the last workgroup of each group merges (few chunks)
 // Chunks the merge unrolls, ≥ the chunk count (the host's SplitLaunch::merge_unroll).
 layout(constant_id = 7) const uint MERGE_MAX = 4;
+layout(constant_id = 8) const bool PAGED = false;   // a page pool through block tables
 const uint MAX_D = 256;            // head_dim ≤ this (checked on the host)
 const uint CHUNK_TILE = 64;        // chunks are whole multiples of this (the host's CHUNK_TILE)
 #if defined(QK_NORM_ROPE)
@@ -135,6 +144,9 @@ layout(push_constant) uniform Params {
     float softcap;   // 0: none
     uint flags;      // FLAG_SINKS
     float eps;       // the q/k RMSNorm epsilon (_qk variants)
+    uint page_size;       // PAGED: positions per page,
+    uint pages_per_seq;   // block table entries per sequence,
+    uint n_pages;         // and pages in the pool
 } p;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -163,6 +175,7 @@ layout(std430, binding = 11) readonly buffer KNorm { float k_norm[]; };   // [D]
 layout(std430, binding = 12) readonly buffer Rope { vec2 rope[]; };       // [capacity][D/2] (cos, sin)
 // Chunks counted per group of workgroups sharing output rows; zero between calls.
 layout(std430, binding = 13) coherent buffer Counters { uint counters[]; };
+layout(std430, binding = 14) readonly buffer BlockTables { uint block_tables[]; };   // [B][pages_per_seq]
 
 shared float o_s[O_CAP];     // [head of the round][slot][DMAX]
 shared float m_s[ML_CAP];    // [slot][head]
@@ -203,6 +216,26 @@ const bool qk_rope = false;
 uint new_row(uint b, uint kvh, uint j, uint first_new) {
     if (!FUSED_MODE || j < first_new || MUTANT == M_FUSED_READS_CACHE) return NONE;
     return ((b * p.n_queries + (j - first_new)) * p.n_kv_heads + kvh) * p.head_dim;
+}
+
+// Element offset of sequence b's row `row`, kv_base being its kv head's offset within the
+// sequence (or, PAGED, within a page); PAGED: NONE where the table entry is missing or names a page
+// outside the pool. `reads` applies the paging mutants (the fused write stays correct).
+uint row_offset(uint kv_base, uint b, uint row, bool reads) {
+    if (!PAGED) return kv_base + row * p.stride_pos;
+    uint ps = reads && MUTANT == M_PAGE_SIZE_WRONG_CONSTANT ? 16u : p.page_size;
+    uint i = row / ps;
+    uint slot = row - i * ps;
+    if (reads && MUTANT == M_PAGE_INDEX_OFF_BY_ONE && i + 1u < p.pages_per_seq) i += 1u;
+    uint e = b * p.pages_per_seq + i;
+    uint page = i < p.pages_per_seq && e < block_tables.length() ? block_tables[e] : NONE;
+    return page < p.n_pages ? page * p.stride_seq + kv_base + slot * p.stride_pos : NONE;
+}
+
+// The 16-byte word of element dc of a row at off; PAGED rows at NONE take an index past both
+// caches, so their guarded loads give zeros.
+uint word_index(uint off, uint dc) {
+    return PAGED && off == NONE ? max(k4.length(), v4.length()) : (off + dc) / (8u / WPR);
 }
 
 // 8 f32 inputs (bits) rounded as the cache stores them, then widened.
@@ -309,15 +342,15 @@ uint clamped_row(uint base, uint n, uint lim, uint slot) {
 // fetch for a step that holds new rows: those come from knew_w/vnew_w, never from their slots
 // (their global loads are pushed out of range, so not issued), by select, so a step's loads
 // stay together.
-void fetch_new(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+void fetch_new(uint base, uint lim, uint kv_base, uint b, uint lane, uint slot) {
     uint D = p.head_dim;
     [[unroll]] for (uint n = 0; n < NP; ++n) {
         uint row = clamped_row(base, n, lim, slot);
         bool is_new = row >= new_from;
-        uint off = kv_base + row * p.stride_pos;
+        uint off = row_offset(kv_base, b, row, true);
         [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
             uint dc = min((cr * LANES + lane) * 8u, D - 8u);
-            uint i = is_new ? max(k4.length(), v4.length()) : (off + dc) / (8u / WPR);
+            uint i = is_new ? max(k4.length(), v4.length()) : word_index(off, dc);
             uint at = min(((row - new_from) * (MAX_D / 8u) + dc / 8u) * WPR, (NEW_ROWS * (MAX_D / 8u) - 1u) * WPR);
             uint w = (n * CPL + cr) * WPR;
             [[unroll]] for (uint u = 0; u < WPR; ++u) {
@@ -332,13 +365,13 @@ void fetch_new(uint base, uint lim, uint kv_base, uint lane, uint slot) {
 #endif
 
 // Issues the cache loads of the step at base into k_next/v_next.
-void fetch_cache(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+void fetch_cache(uint base, uint lim, uint kv_base, uint b, uint lane, uint slot) {
     uint D = p.head_dim;
     [[unroll]] for (uint n = 0; n < NP; ++n) {
-        uint off = kv_base + clamped_row(base, n, lim, slot) * p.stride_pos;
+        uint off = row_offset(kv_base, b, clamped_row(base, n, lim, slot), true);
         [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
             uint dc = min((cr * LANES + lane) * 8u, D - 8u);
-            uint i = (off + dc) / (8u / WPR);   // 16-byte word of the run's first element
+            uint i = word_index(off, dc);   // 16-byte word of the run's first element
             uint w = (n * CPL + cr) * WPR;
             [[unroll]] for (uint u = 0; u < WPR; ++u) {
                 k_next[w + u] = i + u < k4.length() ? k4[i + u] : uvec4(0u);
@@ -349,14 +382,14 @@ void fetch_cache(uint base, uint lim, uint kv_base, uint lane, uint slot) {
 }
 
 // Issues the loads of the step at base into k_next/v_next.
-void fetch(uint base, uint lim, uint kv_base, uint lane, uint slot) {
+void fetch(uint base, uint lim, uint kv_base, uint b, uint lane, uint slot) {
 #if defined(FUSED)
     if (base + NP * SLOTS > new_from) {   // uniform: a step with new rows (the last)
-        fetch_new(base, lim, kv_base, lane, slot);
+        fetch_new(base, lim, kv_base, b, lane, slot);
         return;
     }
 #endif
-    fetch_cache(base, lim, kv_base, lane, slot);
+    fetch_cache(base, lim, kv_base, b, lane, slot);
 }
 
 const uint FROM_WORDS = 0u;    // k_cur/v_cur (VEC cache rows)
@@ -372,7 +405,7 @@ void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, ui
     [[unroll]] for (uint n = 0; n < NP; ++n) {
         ok[n] = base + n * SLOTS + slot < lim;
         uint jc = clamped_row(base, n, lim, slot);
-        uint off = kv_base + jc * p.stride_pos;
+        uint off = from == FROM_SCALAR ? row_offset(kv_base, b, jc, true) : 0u;
         [[unroll]] for (uint cr = 0; cr < CPL; ++cr) {
             uint dc = min((cr * LANES + lane) * 8u, D - 8u);
             uint ri = n * Q4 + 2u * cr;
@@ -380,7 +413,9 @@ void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, ui
                 uint nrow = ((b * p.n_queries + (jc - first_new)) * p.n_kv_heads + kvh) * D;
                 load_new8(nrow + dc, dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else if (from == FROM_SCALAR) {
-                load_scalar8(off + dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
+                // PAGED rows at NONE: an index past both caches, so the guarded loads give zeros.
+                uint e = PAGED && off == NONE ? max(k_cache.length(), v_cache.length()) : off + dc;
+                load_scalar8(e, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else {
                 uint w = (n * CPL + cr) * WPR;
                 widen8(k_cur[w], k_cur[w + WPR - 1u], v_cur[w], v_cur[w + WPR - 1u], kf[ri], kf[ri + 1u], vf[ri],
@@ -486,9 +521,9 @@ void main() {
     // chunk starts at its first position and clamp to its last row within the capacity rather than
     // the last valid row (rows past the valid ones are masked in step()). Redone below where that
     // guess is wrong (a window moves the start, or the step holds new rows).
-    uint kv_base = b * p.stride_seq + kvh * p.stride_head;
+    uint kv_base = (PAGED ? 0u : b * p.stride_seq) + kvh * p.stride_head;
     uint spec_begin = c * p.chunk;
-    if (VEC) fetch_cache(spec_begin, max(min(spec_begin + p.chunk, p.capacity), 1u), kv_base, lane, slot);
+    if (VEC) fetch_cache(spec_begin, max(min(spec_begin + p.chunk, p.capacity), 1u), kv_base, b, lane, slot);
     if (qk_rope) {
         // Rows 0..nh − 1 of o_s: the block's query heads; row nh: the new K row of kv head kvh.
         // Raw values, then each row's Σx², then each pair normalised and rotated in place (pairs
@@ -602,13 +637,13 @@ void main() {
             mid = end;
         }
 #endif
-        if (begin < mid && (begin != spec_begin || begin + NP * SLOTS > new_from)) fetch(begin, mid, kv_base, lane, slot);
+        if (begin < mid && (begin != spec_begin || begin + NP * SLOTS > new_from)) fetch(begin, mid, kv_base, b, lane, slot);
         for (uint base = begin; base < mid; base += SLOTS * NP) {
             [[unroll]] for (uint i = 0; i < NR; ++i) {
                 k_cur[i] = k_next[i];
                 v_cur[i] = v_next[i];
             }
-            fetch(base + SLOTS * NP, mid, kv_base, lane, slot);   // past the end: re-reads row mid − 1
+            fetch(base + SLOTS * NP, mid, kv_base, b, lane, slot);   // past the end: re-reads row mid − 1
             step(base, mid, FROM_WORDS, kv_base, lane, slot, b, kvh, first_new);
         }
     } else {
@@ -655,9 +690,9 @@ void main() {
             // the one whose chunk holds the token (so the mutant that reads the slot instead of
             // the input reads its own unwritten slot: poison, deterministically).
             uint own = min((first_new + t - min(first, first_new + t)) / max(chunk, 1u), p.n_chunks - 1u);
-            if (c == own && blk == 0u && len >= p.n_queries) {
+            uint dst = row_offset((PAGED ? 0u : b * p.stride_seq) + g * p.stride_head, b, first_new + t, false);
+            if (c == own && blk == 0u && len >= p.n_queries && !(PAGED && dst == NONE)) {
                 uint src = ((b * p.n_queries + t) * p.n_kv_heads + g) * p.head_dim;
-                uint dst = b * p.stride_seq + g * p.stride_head + (first_new + t) * p.stride_pos;
                 for (uint d = tid; d < D; d += WG) {
                     uint kb = qk_rope ? floatBitsToUint(knew_s[min(d, KNEW - 1u)]) : (src + d < new_k.length() ? new_k[src + d] : 0u);
                     if (src + d < new_k.length() && dst + d < k_cache.length()) k_cache[dst + d] = KV_T(kv_store(kb, false));

@@ -5,15 +5,21 @@
 // KV-cache append: writes n_new tokens of K and V per sequence into the caches at positions
 // start[b] + t, converting f32 to the cache type. One invocation per element; nothing outside
 // the written slots is touched. Bindings and push constants mirror src/kernels/kv_append.rs.
+// PAGED: the caches are a page pool (stride_seq is the page stride, capacity a sequence's) and
+// position pos of sequence b lives in page block_tables[b][pos / page_size], slot pos % page_size;
+// an entry past the table or a page outside the pool is skipped (the host validates tables).
 
 #include "kv_types.glsl"
 
 layout(local_size_x = 64) in;
 
-// Mutants (src/kernels/kv_append.rs): 0 none, 1 slot off by one, 2 truncate instead of RNE.
+// Mutants (src/kernels/kv_append.rs): 0 none, 1 slot off by one, 2 truncate instead of RNE,
+// 3 (paged) the next page of the table.
 layout(constant_id = 0) const uint MUTANT = 0;
 const uint M_SLOT_OFF_BY_ONE = 1;
 const uint M_TRUNCATE = 2;
+const uint M_PAGE_OFF_BY_ONE = 3;
+layout(constant_id = 1) const bool PAGED = false;
 
 layout(push_constant) uniform Params {
     uint n_seqs;
@@ -23,9 +29,12 @@ layout(push_constant) uniform Params {
     uint stride_seq;
     uint stride_head;
     uint stride_pos;
-    uint capacity;
+    uint capacity;     // positions per sequence
     uint total;        // n_seqs * n_new * n_kv_heads * head_dim
     uint row_groups;   // workgroups along x (the grid is 2-D when it exceeds the x limit)
+    uint page_size;    // PAGED: positions per page,
+    uint pages_per_seq;   // block table entries per sequence,
+    uint n_pages;      // and pages in the pool
 } p;
 
 layout(std430, binding = 0) readonly buffer NewK { uint new_k[]; };
@@ -33,6 +42,7 @@ layout(std430, binding = 1) readonly buffer NewV { uint new_v[]; };
 layout(std430, binding = 2) readonly buffer Start { uint start_pos[]; };
 layout(std430, binding = 3) buffer KCache { KV_T k_cache[]; };
 layout(std430, binding = 4) buffer VCache { KV_T v_cache[]; };
+layout(std430, binding = 5) readonly buffer BlockTables { uint block_tables[]; };   // [B][pages_per_seq]
 
 void main() {
     uint i = (gl_WorkGroupID.y * p.row_groups + gl_WorkGroupID.x) * 64u + gl_LocalInvocationID.x;
@@ -44,7 +54,18 @@ void main() {
     if (b >= p.n_seqs || b >= start_pos.length()) return;
     uint pos = start_pos[b] + t + (MUTANT == M_SLOT_OFF_BY_ONE ? 1u : 0u);
     if (pos >= p.capacity) return;
-    uint off = b * p.stride_seq + h * p.stride_head + pos * p.stride_pos + d;
+    uint row = b * p.stride_seq + pos * p.stride_pos;
+    if (PAGED) {
+        uint e = pos / p.page_size;
+        uint slot = pos - e * p.page_size;
+        if (MUTANT == M_PAGE_OFF_BY_ONE && e + 1u < p.pages_per_seq) e += 1u;
+        e += b * p.pages_per_seq;
+        if (e >= block_tables.length()) return;
+        uint page = block_tables[e];
+        if (page >= p.n_pages) return;
+        row = page * p.stride_seq + slot * p.stride_pos;
+    }
+    uint off = row + h * p.stride_head + d;
     bool truncate = MUTANT == M_TRUNCATE;
     if (off < k_cache.length()) k_cache[off] = KV_T(kv_store(new_k[i], truncate));
     if (off < v_cache.length()) v_cache[off] = KV_T(kv_store(new_v[i], truncate));

@@ -92,3 +92,18 @@ fn attention_fused_read_of_the_slot_being_written_is_caught() {
 fn attention_split_chunk_boundary_off_by_one_is_caught() {
     assert_caught(Mutant::Attention(AttentionMutant::ChunkOverlap));
 }
+
+#[test]
+fn attention_page_index_off_by_one_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::PageIndexOffByOne));
+}
+
+#[test]
+fn attention_page_size_from_the_wrong_constant_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::PageSizeWrongConstant));
+}
+
+#[test]
+fn append_page_off_by_one_is_caught() {
+    assert_caught(Mutant::Append(AppendMutant::PageOffByOne));
+}

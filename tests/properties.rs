@@ -31,12 +31,12 @@ use proptest::sample::Index;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 use vkdecode::cases::data::{AttentionInputs, attention_inputs};
-use vkdecode::cases::model::{AppendValues, Dist};
+use vkdecode::cases::model::{AppendValues, Dist, PageOrder, Paged};
 use vkdecode::cases::run::{
     AttentionRun, attention_reference, check_attention, run_append, run_append_then_attend, run_attention,
     run_attention_inputs,
 };
-use vkdecode::cases::strategy::{AttentionLimits, any_case, append_case, attention_case, attention_work};
+use vkdecode::cases::strategy::{AttentionLimits, any_case, append_case, attention_case, attention_work, paged};
 use vkdecode::cases::{AttentionCase, Case, LayoutKind, Outcome, Poison, run_case};
 use vkdecode::gpu::{Context, ContextOptions};
 use vkdecode::kernels::attention::{self, CHUNK_TILE};
@@ -194,8 +194,9 @@ fn repeat_kv_heads(gqa: &AttentionInputs, kind: LayoutKind) -> AttentionInputs {
         (out, values)
     };
     let ((k_bytes, k), (v_bytes, v)) = (repeat(&gqa.k_bytes), repeat(&gqa.v_bytes));
+    assert!(gqa.paged.is_none(), "repeat_kv_heads takes a contiguous cache");
     let params = attention::AttentionParams { n_kv_heads: p.n_q_heads, layout, ..p };
-    AttentionInputs { params, k_bytes, v_bytes, k, v, ..gqa.clone() }
+    AttentionInputs { params, k_bytes, v_bytes, k, v, view: layout, ..gqa.clone() }
 }
 
 /// Query token `t` of a multi-query problem as a single-query decode: the same cache, Q rows of
@@ -241,7 +242,10 @@ proptest! {
         for (b, &start) in run.inputs.starts.iter().enumerate() {
             for pos in start as usize..start as usize + p.n_new {
                 for h in 0..p.n_kv_heads {
-                    let base = p.layout.offset(b, h, pos, 0);
+                    let base = match &run.inputs.paged {
+                        Some(paged) => paged.offset(b, h, pos, 0),
+                        None => p.layout.offset(b, h, pos, 0),
+                    };
                     written[base..base + p.head_dim].fill(true);
                 }
             }
@@ -286,6 +290,27 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(config(16, 9))]
+
+    /// Paging moves elements, never values: a case on a paged cache (any page size, table order
+    /// and spare pages) and its contiguous twin hold the same logical values, so their reference
+    /// outputs are bit-identical, and the kernel matches the reference on both.
+    #[test]
+    fn paged_equals_contiguous(case in attention_case(), paged in paged()) {
+        let contiguous = AttentionCase { paged: None, ..case };
+        // Shared pages hold one sequence's values for all: the twin would differ.
+        let paged = paged.or(Some(Paged { page_size: 16, order: PageOrder::Shuffled, shared_pages: 0, spare_pages: 1 }))
+            .map(|p| Paged { shared_pages: 0, ..p });
+        let paged_case = AttentionCase { paged, ..contiguous.clone() };
+        let ctx = ctx();
+        let (a, b) = (attend(&ctx, &contiguous)?, attend(&ctx, &paged_case)?);
+        if !same_bits(&a.reference, &b.reference) {
+            return Err(fail(&Case::Attention(paged_case), "the reference output changed with paging of the same data"));
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(config(40, 3))]
 
     /// Poison kind (NaN, Inf, garbage, zeros) in the slots the kernel must not read changes
@@ -323,8 +348,13 @@ proptest! {
     #[test]
     fn fused_equals_append_then_attend(case in attention_case()) {
         let nq = case.n_queries.min(case.capacity);
-        let seq_lens = case.seq_lens.iter().map(|&l| l.max(nq)).collect();
-        let case = AttentionCase { fused: true, n_queries: nq, seq_lens, ..case };
+        let seq_lens: Vec<usize> = case.seq_lens.iter().map(|&l| l.max(nq)).collect();
+        let mut paged = case.paged;
+        if let Some(paged) = &mut paged {
+            // The new tokens must not land in shared pages.
+            paged.clamp_shared(case.capacity, seq_lens.iter().map(|&l| l - nq).min());
+        }
+        let case = AttentionCase { fused: true, n_queries: nq, seq_lens, paged, ..case };
         let ctx = ctx();
         let wrapped = Case::Attention(case.clone());
         attend(&ctx, &case)?;
@@ -346,8 +376,8 @@ proptest! {
     /// reference on both.
     #[test]
     fn gqa_equals_mha_with_repeated_kv_heads(case in attention_case()) {
-        // The relation rebuilds the cache by hand; fused inputs live outside it.
-        let case = AttentionCase { fused: false, ..case };
+        // The relation rebuilds a contiguous cache by hand; fused inputs live outside it.
+        let case = AttentionCase { fused: false, paged: None, ..case };
         let ratio = case.n_q_heads / case.n_kv_heads;
         prop_assume!(ratio > 1);
         // The MHA cache has n_q_heads heads; keep it small.
@@ -534,5 +564,19 @@ fn strategies_reach_the_edge_triggers() {
     need("hostile append values", any_append(&|c| c.data.values == AppendValues::Hostile));
     need("normal append values", any_append(&|c| c.data.values == AppendValues::Normal));
     need("append of several sequences", any_append(&|c| c.starts.len() == 4));
+    let page = |c: &AttentionCase| c.paged.map_or(0, |p| p.page_size);
+    need("a contiguous cache", any(&|c| c.paged.is_none()));
+    need("pages of 8", any(&|c| page(c) == 8));
+    need("pages of 64 (the kernel tile)", any(&|c| page(c) == 64));
+    need("pages that do not divide the tile", any(&|c| page(c) > 0 && !64usize.is_multiple_of(page(c))));
+    need(
+        "a page shared by every sequence",
+        any(&|c| c.paged.is_some_and(|p| p.shared_pages > 0) && c.seq_lens.len() > 1),
+    );
+    need("a reversed block table", any(&|c| c.paged.is_some_and(|p| p.order == PageOrder::Reverse)));
+    need("a paged fused append + attend", any(&|c| c.fused && c.paged.is_some()));
+    need("a paged forced split", any(&|c| c.split_chunk.is_some() && c.paged.is_some()));
+    need("a paged append", any_append(&|c| c.paged.is_some()));
+    need("a paged append beside shared pages", any_append(&|c| c.paged.is_some_and(|p| p.shared_pages > 0)));
     assert!(missing.is_empty(), "the strategies never produced: {}", missing.join("; "));
 }

@@ -15,6 +15,8 @@
 //!   only differ from HF's where some logit moved by half the top-1/top-2 margin, so a separate
 //!   free-running greedy run must give HF's token at every step up to the first whose golden
 //!   margin is at most 2·E (after a legitimate flip the contexts differ and nothing more follows).
+//! - **Paged f32 KV** (pages of 16 through a shuffled block table): HF's greedy tokens exactly,
+//!   as the contiguous cache gives them.
 //! - **Mutants** of the engine (interleaved RoPE, q/k-norm skipped, norm weight ignored, wrong GQA
 //!   map): each breaks the f32 logit bound or the greedy tokens on at least one fixture.
 //! - **Counters**: one submit, one host wait, no copies and a 4-byte host read per token, and the
@@ -135,6 +137,14 @@ fn narrow_kv_matches(name: &str, kv: Dtype) {
     assert_eq!(greedy[..trusted], g.generated[..trusted], "{name} {kv}: a token differs where the margin exceeds 2E");
 }
 
+/// A paged f32 KV cache (pages of 16, shuffled table): HF's greedy tokens exactly, as the
+/// contiguous cache gives them.
+fn paged_kv_matches(name: &str) {
+    let f = fixture(name);
+    let options = GenerateOptions { kv_page_size: Some(16), ..Fixture::options(Dtype::F32, None) };
+    assert_eq!(f.greedy(&options), f.golden.generated, "{name}: greedy tokens with --kv-pages 16 differ from HF's");
+}
+
 macro_rules! fixture_tests {
     ($($test:ident: $name:literal,)*) => {
         mod f32_kv {
@@ -145,6 +155,9 @@ macro_rules! fixture_tests {
         }
         mod bf16_kv {
             $(#[test] fn $test() { super::narrow_kv_matches($name, vkdecode::kernels::Dtype::Bf16) })*
+        }
+        mod paged_f32_kv {
+            $(#[test] fn $test() { super::paged_kv_matches($name) })*
         }
     };
 }

@@ -195,8 +195,9 @@ impl PagedLayout {
     }
 
     /// The pool seen as a cache of `n_pages` "sequences" of `page_size` positions, so the
-    /// contiguous layout's offset, size and overlap rules apply to pages unchanged.
-    fn pool(&self) -> CacheLayout {
+    /// contiguous layout's offset, size and overlap rules apply to pages unchanged (the form the
+    /// kernels take a pool in).
+    pub fn pool(&self) -> CacheLayout {
         CacheLayout {
             n_seqs: self.n_pages,
             n_kv_heads: self.n_kv_heads,

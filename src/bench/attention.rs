@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::gpu::{Buffer, Context, Location, PipelineStatistic};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionParams};
 use crate::kernels::kv_append::{self, AppendBuffers, AppendParams};
-use crate::kernels::{CacheLayout, Dtype};
+use crate::kernels::{CacheLayout, Dtype, Paging};
 
 use super::anchors::{GgmlAnchor, ggml_anchor};
 use super::timing::{Between, Timing, TimingConfig, time_calls};
@@ -235,6 +235,9 @@ pub struct AttentionBenchConfig {
     pub layout: LayoutKind,
     /// Positions per split-K chunk; `None`: the kernel's automatic choice.
     pub split_chunk: Option<usize>,
+    /// A paged cache with pages of this many positions (block tables in a shuffled order, as an
+    /// allocator's free list leaves them); `None`: contiguous.
+    pub page_size: Option<usize>,
     /// Assumed last-level cache size; K/V rotate over copies spanning at least twice this.
     pub llc_bytes: u64,
 }
@@ -245,6 +248,8 @@ pub struct AttentionMeasurement {
     pub shape: DecodeShape,
     pub mode: Mode,
     pub layout: LayoutKind,
+    /// Pages of this many positions, or a contiguous cache.
+    pub page_size: Option<usize>,
     /// Positions per split-K chunk and number of chunks (1: no merge pass).
     pub split_chunk: usize,
     pub split_chunks: usize,
@@ -279,9 +284,17 @@ pub fn rotation_copies(set_bytes: u64, llc_bytes: u64) -> usize {
 /// The kernel parameters for `shape` under `config` (fused mode for [`Mode::Fused`]).
 pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) -> AttentionParams {
     let (b, hkv, capacity, d) = (shape.batch, shape.n_kv_heads, shape.capacity, shape.head_dim);
+    // A paged pool is a cache of pages: one "sequence" of page_size positions per page.
+    let (seqs, positions, paging) = match config.page_size {
+        Some(ps) => {
+            let pages_per_seq = capacity.div_ceil(ps.max(1));
+            (b * pages_per_seq, ps, Some(Paging { pages_per_seq }))
+        }
+        None => (b, capacity, None),
+    };
     let layout = match config.layout {
-        LayoutKind::HeadMajor => CacheLayout::head_major(b, hkv, capacity, d, 0),
-        LayoutKind::TokenMajor => CacheLayout::token_major(b, hkv, capacity, d, 0),
+        LayoutKind::HeadMajor => CacheLayout::head_major(seqs, hkv, positions, d, 0),
+        LayoutKind::TokenMajor => CacheLayout::token_major(seqs, hkv, positions, d, 0),
     };
     AttentionParams {
         n_seqs: b,
@@ -298,7 +311,19 @@ pub fn params(shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) ->
         sinks: false,
         fused: mode == Mode::Fused,
         qk_norm_rope: None,
+        paging,
     }
+}
+
+/// The block tables of a paged benchmark: every page of the pool once, in a fixed shuffled order.
+pub fn block_tables(p: &AttentionParams) -> Vec<u32> {
+    let n = p.layout.n_seqs;
+    let mut ids: Vec<u32> = (0..n as u32).collect();
+    let mut rng = crate::cases::rng::Rng::stream(1, "bench-pages");
+    for i in (1..n).rev() {
+        ids.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    ids
 }
 
 /// Everything a call of `shape` in `mode` is made of: kernel parameters and host copies of the
@@ -308,6 +333,8 @@ struct Plan {
     append: AppendParams,
     seq_lens: Vec<u32>,
     starts: Vec<u32>,
+    /// Paged runs: u32 `[B][pages_per_seq]`.
+    block_tables: Option<Vec<u32>>,
 }
 
 fn plan(ctx: &Context, shape: &DecodeShape, mode: Mode, config: &AttentionBenchConfig) -> Result<Plan> {
@@ -322,13 +349,23 @@ fn plan(ctx: &Context, shape: &DecodeShape, mode: Mode, config: &AttentionBenchC
         head_dim: shape.head_dim,
         dtype: shape.dtype,
         layout: attention.layout,
+        paging: attention.paging,
     };
     let starts = vec![(shape.kv - shape.n_queries.min(shape.kv)) as u32; shape.batch];
     if mode == Mode::AppendThenAttend {
         append.validate(ctx)?;
         append.validate_starts(&starts)?;
     }
-    Ok(Plan { attention, append, seq_lens, starts })
+    let block_tables = attention.paging.map(|_| block_tables(&attention));
+    if let Some(tables) = &block_tables {
+        attention.validate_block_tables(tables)?;
+        if mode == Mode::AppendThenAttend {
+            append.validate_block_table_writes(tables, &starts)?;
+        } else {
+            attention.validate_block_table_writes(tables, &seq_lens)?;
+        }
+    }
+    Ok(Plan { attention, append, seq_lens, starts, block_tables })
 }
 
 /// Checks that `shape` can run in `mode` on this device, without allocating anything (so a run
@@ -362,7 +399,7 @@ pub fn measure_slowed(
     extra_passes: u32,
     on_submit: &mut dyn FnMut(),
 ) -> Result<AttentionMeasurement> {
-    let Plan { attention: p, append, seq_lens, starts } = plan(ctx, shape, mode, config)?;
+    let Plan { attention: p, append, seq_lens, starts, block_tables } = plan(ctx, shape, mode, config)?;
 
     let cache_elements = p.layout.min_elements();
     let cache_bytes = (cache_elements * shape.dtype.size()) as u64;
@@ -381,6 +418,11 @@ pub fn measure_slowed(
     let partial_o = Buffer::new(ctx, "bench.attention.partial_o", p.partial_o_bytes(ctx.info()), Location::Device)?;
     let partial_ml = Buffer::new(ctx, "bench.attention.partial_ml", p.partial_ml_bytes(ctx.info()), Location::Device)?;
     let counters = attention::zeroed_counters(ctx, &p)?;
+    let tables = match &block_tables {
+        Some(t) => Some(device_buffer(ctx, "bench.attention.block_tables", &crate::kernels::words(t))?),
+        None => None,
+    };
+    let tables = tables.as_ref();
 
     let what = format!("attention {} ({})", shape.spec(), mode.name());
     let timing = time_calls(
@@ -392,7 +434,14 @@ pub fn measure_slowed(
             let c = (call % copies as u64) as usize;
             let (k_cache, v_cache) = (&caches[2 * c], &caches[2 * c + 1]);
             if mode == Mode::AppendThenAttend {
-                let bufs = AppendBuffers { new_k: &new_k, new_v: &new_v, start: &start, k_cache, v_cache };
+                let bufs = AppendBuffers {
+                    new_k: &new_k,
+                    new_v: &new_v,
+                    start: &start,
+                    k_cache,
+                    v_cache,
+                    block_tables: tables,
+                };
                 kv_append::record(rec, ctx, &append, bufs, None)?;
                 rec.barrier();
             }
@@ -410,6 +459,7 @@ pub fn measure_slowed(
                 new_k: fused.then_some(&new_k),
                 new_v: fused.then_some(&new_v),
                 qk_norm_rope: None,
+                block_tables: tables,
             };
             attention::record(rec, ctx, &p, bufs(k_cache, v_cache), None)?;
             for pass in 1..=u64::from(extra_passes) {
@@ -426,6 +476,7 @@ pub fn measure_slowed(
         shape: shape.clone(),
         mode,
         layout: config.layout,
+        page_size: config.page_size,
         split_chunk,
         split_chunks,
         kv_bytes: shape.kv_bytes(),
@@ -497,6 +548,7 @@ mod tests {
             timing: TimingConfig { iters: 3, repeats: 2, warmup: 1 },
             layout: LayoutKind::TokenMajor,
             split_chunk: Some(64),
+            page_size: None,
             llc_bytes: 96 << 10,
         };
         for (mode, dispatches, barriers) in

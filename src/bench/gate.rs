@@ -682,6 +682,7 @@ impl GatePlan {
                 timing: attention_timing,
                 layout: LayoutKind::HeadMajor,
                 split_chunk: None,
+                page_size: None,
                 llc_bytes: ASSUMED_LLC_BYTES,
             },
             decode,
@@ -1092,6 +1093,7 @@ mod tests {
             timing: TimingConfig { iters: 1, repeats: 1, warmup: 0 },
             layout: LayoutKind::HeadMajor,
             split_chunk: Some(64), // several chunks, merged in the split pass
+            page_size: None,
             llc_bytes: 96 << 10,
         };
         let m = measure_slowed(&ctx, &shape, Mode::Attention, &config, 2, &mut || {}).unwrap();

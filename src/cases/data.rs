@@ -4,6 +4,7 @@
 //! fuzzer and `replay --dump` all see identical inputs. Cache bytes start as poison everywhere;
 //! only visible elements get real values, already rounded to the cache dtype.
 
+use vkdecode_reference::PagedLayout;
 use vkdecode_reference::dtype::{decode, encode, store};
 
 use super::model::{AppendCase, AppendValues, AttentionCase, Dist, Poison};
@@ -11,7 +12,7 @@ use super::rng::Rng;
 use crate::implementation::SlotContract;
 use crate::kernels::attention::AttentionParams;
 use crate::kernels::kv_append::AppendParams;
-use crate::kernels::{Dtype, ParamError};
+use crate::kernels::{CacheLayout, Dtype, ParamError};
 
 /// Everything one attention call reads.
 #[derive(Clone, Debug)]
@@ -23,10 +24,15 @@ pub struct AttentionInputs {
     /// Raw cache bytes (poison included), as uploaded.
     pub k_bytes: Vec<u8>,
     pub v_bytes: Vec<u8>,
-    /// The same caches decoded to f32 (what the reference reads). In fused cases they hold the
-    /// new tokens' rounded values, which the uploaded bytes do not.
+    /// The same caches decoded to f32 in the layout `view` (what the reference reads). In fused
+    /// cases they hold the new tokens' rounded values, which the uploaded bytes do not.
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// The layout of `k` and `v`: the cache's own, or for a paged cache its values gathered into
+    /// a contiguous head-major cache of the case's capacity.
+    pub view: CacheLayout,
+    /// The pool and block tables of a paged cache (the bytes above are the pool).
+    pub paged: Option<PagedLayout>,
     /// Sink logits `[H]`, when the case has sinks.
     pub sinks: Option<Vec<f32>>,
     /// Fused cases: the step's new K/V as f32 `[B][n_queries][Hkv][D]`, and the cache bytes the
@@ -54,6 +60,13 @@ pub struct AppendInputs {
     /// Cache bytes before the append: random canary bytes, so any stray write shows.
     pub k_before: Vec<u8>,
     pub v_before: Vec<u8>,
+    /// The pool and block tables of a paged cache (the bytes above are the pool).
+    pub paged: Option<PagedLayout>,
+}
+
+/// A paged layout's block tables as the kernels take them: u32 `[B][pages_per_seq]`.
+pub fn block_table_words(paged: &PagedLayout) -> Vec<u32> {
+    paged.block_tables.concat()
 }
 
 fn draw(rng: &mut Rng, dist: Dist) -> f32 {
@@ -111,9 +124,15 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
 /// [`SlotContract::Finite`], NaN, Inf and garbage poison become [`Poison::Large`].
 pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result<AttentionInputs, ParamError> {
     let params = case.params()?;
+    let paged = case.paged_layout()?;
     let poison = case.data.poison.under(slots);
     let p = &params;
     let layout = p.layout;
+    // Element index of (seq, head, pos, d): through the block tables for a paged cache.
+    let place = |b, h, pos, d| match &paged {
+        Some(paged) => paged.offset(b, h, pos, d),
+        None => layout.offset(b, h, pos, d),
+    };
     let dtype = p.dtype;
     let seed = case.data.seed;
 
@@ -147,7 +166,7 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
                 let new_index =
                     (p.fused && pos + nq >= len).then(|| ((b * nq + pos + nq - len) * p.n_kv_heads + h) * p.head_dim);
                 for d in 0..p.head_dim {
-                    let i = layout.offset(b, h, pos, d);
+                    let i = place(b, h, pos, d);
                     let mut kx = draw(&mut krng, case.data.k);
                     if let Some(peak) = case.data.peak
                         && peak.position == pos
@@ -166,7 +185,12 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
             }
         }
     }
-    let (k, v) = (decode_all(dtype, &k_bytes), decode_all(dtype, &v_bytes));
+    let (mut k, mut v) = (decode_all(dtype, &k_bytes), decode_all(dtype, &v_bytes));
+    let mut view = layout;
+    if let Some(paged) = &paged {
+        (k, view) = paged.gather(&k, case.capacity);
+        (v, _) = paged.gather(&v, case.capacity);
+    }
     let fused = p.fused.then(|| {
         let (k_after, v_after) = (k_bytes.clone(), v_bytes.clone());
         // The slots the kernel writes start as poison, so a kernel that reads them shows.
@@ -175,7 +199,7 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
             for h in 0..p.n_kv_heads {
                 for pos in len - nq..len {
                     for d in 0..p.head_dim {
-                        let i = layout.offset(b, h, pos, d);
+                        let i = place(b, h, pos, d);
                         let poison = if poison == Poison::Zero { Poison::Nan.under(slots) } else { poison };
                         store(dtype, &mut k_bytes, i, poison_bits(dtype, poison, &mut rng));
                         store(dtype, &mut v_bytes, i, poison_bits(dtype, poison, &mut rng));
@@ -190,7 +214,7 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
         (0..p.n_q_heads).map(|_| draw(&mut rng, dist)).collect()
     });
     let seq_lens = case.seq_lens.iter().map(|&l| l as u32).collect();
-    Ok(AttentionInputs { params, q, seq_lens, k_bytes, v_bytes, k, v, sinks, fused })
+    Ok(AttentionInputs { params, q, seq_lens, k_bytes, v_bytes, k, v, view, paged, sinks, fused })
 }
 
 /// One hostile f32 for conversion to `dtype`.
@@ -221,6 +245,7 @@ fn hostile(rng: &mut Rng, dtype: Dtype) -> f32 {
 /// Materializes an append case.
 pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
     let params = case.params()?;
+    let paged = case.paged_layout()?;
     let seed = case.data.seed;
     let n_new = params.new_elements();
     let value = |stream: &str| {
@@ -238,7 +263,7 @@ pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
     let k_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
     let v_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
     let starts = case.starts.iter().map(|&s| s as u32).collect();
-    Ok(AppendInputs { params, new_k, new_v, starts, k_before, v_before })
+    Ok(AppendInputs { params, new_k, new_v, starts, k_before, v_before, paged })
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! dominant position, large-offset values, garbage poison).
 
 use super::model::{
-    AppendCase, AppendData, AppendValues, AttentionCase, AttentionData, Case, Dist, Expect, LayoutKind, Peak, Poison,
+    AppendCase, AppendData, AppendValues, AttentionCase, AttentionData, Case, Dist, Expect, LayoutKind, PageOrder,
+    Paged, Peak, Poison,
 };
 use crate::kernels::Dtype;
 
@@ -51,6 +52,7 @@ pub(crate) fn base(
         capacity,
         layout: LayoutKind::HeadMajor,
         pad: 0,
+        paged: None,
         scale: None,
         window: None,
         softcap: None,
@@ -123,6 +125,18 @@ pub fn grid() -> Vec<GridCase> {
             let split = chunk.map_or("auto".to_string(), |k| k.to_string());
             out.push(attention(format!("grid/attention/{dtype}/fused-append-q3-split-{split}"), c));
         }
+        // Paged caches: pages of 16 and 64 (shuffled tables, a spare page), chunks of 64 or the
+        // kernel's choice, so chunk and page boundaries meet and cross; one fused.
+        for (page_size, chunk, fused) in [(16, None, false), (64, Some(64), false), (16, Some(64), true)] {
+            let mut c = base(dtype, (8, 2, 128), vec![150, 64, 3], 160);
+            c.layout = LayoutKind::TokenMajor;
+            c.paged = Some(Paged { page_size, order: PageOrder::Shuffled, shared_pages: 0, spare_pages: 1 });
+            c.split_chunk = chunk;
+            c.fused = fused;
+            let split = chunk.map_or("auto".to_string(), |k| k.to_string());
+            let fused = if fused { "-fused" } else { "" };
+            out.push(attention(format!("grid/attention/{dtype}/paged-{page_size}-split-{split}{fused}"), c));
+        }
         // Flat attention over values far from zero: the accumulator reaches ~n·1000.
         let mut c = base(dtype, (4, 2, 64), vec![300], 300);
         c.data.q = Dist::Normal { mean: 0.0, std: 0.01 };
@@ -151,12 +165,30 @@ pub fn grid() -> Vec<GridCase> {
                     capacity,
                     layout,
                     pad: if i % 2 == 1 { 8 } else { 0 },
+                    paged: None,
                     data: AppendData { seed: seed_of(&name), values: AppendValues::Hostile },
                     expect: Expect::Pass,
                 };
                 out.push(GridCase { name, case: Case::KvAppend(case) });
             }
         }
+        // Through block tables of 8-position pages: writes cross a page boundary.
+        let name = format!("grid/kv_append/{dtype}/paged-8-kv2-d64-new5");
+        let case = AppendCase {
+            description: String::new(),
+            dtype,
+            n_kv_heads: 2,
+            head_dim: 64,
+            n_new: 5,
+            starts: vec![5, 11],
+            capacity: 24,
+            layout: LayoutKind::HeadMajor,
+            pad: 0,
+            paged: Some(Paged { page_size: 8, order: PageOrder::Shuffled, shared_pages: 0, spare_pages: 1 }),
+            data: AppendData { seed: seed_of(&name), values: AppendValues::Hostile },
+            expect: Expect::Pass,
+        };
+        out.push(GridCase { name, case: Case::KvAppend(case) });
     }
     out
 }

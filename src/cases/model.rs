@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::{AttentionParams, MAX_GQA_RATIO, MAX_QUERIES};
 use crate::kernels::kv_append::AppendParams;
-use crate::kernels::{CacheLayout, Dtype, ParamError, invalid};
+use crate::kernels::{CacheLayout, Dtype, Paging, ParamError, invalid};
+use vkdecode_reference::PagedLayout;
+
+use super::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kernel", rename_all = "snake_case")]
@@ -77,6 +80,120 @@ impl LayoutKind {
             LayoutKind::TokenMajor => "token_major",
         }
     }
+}
+
+/// A paged KV cache, as serving engines keep one: the case's positions live in a pool of pages
+/// of `page_size` positions (each page laid out as the case's `layout` and `pad` say), found
+/// through one block table per sequence. Unused pages and the tail of each sequence's last page
+/// hold poison like any unused slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paged {
+    /// Positions per page: a multiple of 8 in 8..=256.
+    pub page_size: usize,
+    /// How page ids are handed out along the tables.
+    #[serde(default)]
+    pub order: PageOrder,
+    /// The first `shared_pages` pages of every sequence are the same pages (a common prefix
+    /// stored once); nothing may be written into them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_pages: usize,
+    /// Pages in the pool that no table lists.
+    #[serde(default = "one")]
+    pub spare_pages: usize,
+}
+
+/// The order of page ids along the block tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageOrder {
+    /// A seeded permutation of the pool (as an allocator's free list leaves it).
+    #[default]
+    Shuffled,
+    /// Page ids increase along each table.
+    Ascending,
+    /// Page ids decrease along each table.
+    Reverse,
+}
+
+impl Paged {
+    /// The pool and block tables of `n_seqs` sequences of `capacity` positions. Errors name the
+    /// `paged` field at fault.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layout(
+        &self,
+        kind: LayoutKind,
+        n_seqs: usize,
+        n_kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        pad: usize,
+        seed: u64,
+    ) -> Result<PagedLayout, ParamError> {
+        let ps = self.page_size;
+        if !(8..=256).contains(&ps) || !ps.is_multiple_of(8) {
+            return Err(invalid("paged.page_size", format!("{ps} is not a multiple of 8 in 8..=256")));
+        }
+        let per_seq = capacity.div_ceil(ps);
+        if self.shared_pages > per_seq {
+            return Err(invalid(
+                "paged.shared_pages",
+                format!("{} exceeds the {per_seq} pages a sequence of capacity {capacity} has", self.shared_pages),
+            ));
+        }
+        let own = per_seq - self.shared_pages;
+        let n_pages = n_seqs
+            .checked_mul(own)
+            .and_then(|n| n.checked_add(self.shared_pages))
+            .and_then(|n| n.checked_add(self.spare_pages))
+            .filter(|&n| n <= MAX_CASE_ELEMENTS)
+            .ok_or_else(|| invalid("paged.spare_pages", "the pool has too many pages"))?;
+        if n_pages == 0 {
+            return Err(invalid("paged.spare_pages", "the pool needs at least one page"));
+        }
+        // The pool's size is checked as a cache of n_pages sequences of one page each.
+        layout(kind, n_pages, n_kv_heads, ps, head_dim, pad)?;
+        let mut ids: Vec<u32> = (0..n_pages as u32).collect();
+        match self.order {
+            PageOrder::Ascending => {}
+            PageOrder::Reverse => ids.reverse(),
+            PageOrder::Shuffled => {
+                let mut rng = Rng::stream(seed, "pages");
+                for i in (1..ids.len()).rev() {
+                    ids.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+            }
+        }
+        let tables = (0..n_seqs)
+            .map(|b| {
+                let shared = ids[..self.shared_pages].iter();
+                let start = self.shared_pages + b * own;
+                shared.chain(&ids[start..start + own]).copied().collect()
+            })
+            .collect();
+        let paged = match kind {
+            LayoutKind::HeadMajor => PagedLayout::head_major(n_kv_heads, head_dim, pad, ps, n_pages, tables),
+            LayoutKind::TokenMajor => PagedLayout::token_major(n_kv_heads, head_dim, pad, ps, n_pages, tables),
+        };
+        paged.validate().map_err(|e| invalid("paged", e))?;
+        Ok(paged)
+    }
+
+    /// Fewer shared pages where needed: at most a sequence's pages (capacity `capacity`), and none
+    /// at or past `first_write`, the lowest position a sequence writes.
+    pub fn clamp_shared(&mut self, capacity: usize, first_write: Option<usize>) {
+        let limit = first_write.map_or(usize::MAX, |w| w / self.page_size);
+        self.shared_pages = self.shared_pages.min(capacity.div_ceil(self.page_size)).min(limit);
+    }
+
+    /// First position past the shared pages: writes must start here.
+    pub fn first_writable(&self) -> usize {
+        self.shared_pages * self.page_size
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A distribution of f32 values.
@@ -170,6 +287,9 @@ pub struct AttentionCase {
     pub layout: LayoutKind,
     #[serde(default)]
     pub pad: usize,
+    /// A paged cache instead of a contiguous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paged: Option<Paged>,
     /// Softmax scale; default 1/sqrt(head_dim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f32>,
@@ -231,6 +351,9 @@ pub struct AppendCase {
     pub layout: LayoutKind,
     #[serde(default)]
     pub pad: usize,
+    /// A paged cache instead of a contiguous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paged: Option<Paged>,
     pub data: AppendData,
     #[serde(default)]
     pub expect: Expect,
@@ -303,7 +426,26 @@ impl AttentionCase {
         if n_seqs * self.n_queries * self.n_q_heads * self.head_dim > MAX_CASE_ELEMENTS {
             return Err(invalid("seq_lens", "Q is too large"));
         }
-        let layout = layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?;
+        let (layout, paging) = match self.paged_layout()? {
+            Some(paged) => (paged.pool(), Some(Paging { pages_per_seq: paged.block_tables[0].len() })),
+            None => (layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?, None),
+        };
+        if let (Some(paged), true) = (self.paged, self.fused)
+            && let Some((b, &len)) = self
+                .seq_lens
+                .iter()
+                .enumerate()
+                .find(|&(_, &l)| l.saturating_sub(self.n_queries) < paged.first_writable())
+        {
+            return Err(invalid(
+                "paged.shared_pages",
+                format!(
+                    "sequence {b} would write its new tokens (from position {}) into the shared pages (positions below {})",
+                    len.saturating_sub(self.n_queries),
+                    paged.first_writable()
+                ),
+            ));
+        }
         let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt());
         if !scale.is_finite() {
             return Err(invalid("scale", "must be finite"));
@@ -344,7 +486,16 @@ impl AttentionCase {
             sinks: self.sinks.is_some(),
             fused: self.fused,
             qk_norm_rope: None,
+            paging,
         })
+    }
+
+    /// The pool and block tables of a paged case (`None` for a contiguous cache).
+    pub fn paged_layout(&self) -> Result<Option<PagedLayout>, ParamError> {
+        let n_seqs = self.seq_lens.len();
+        let (kind, hkv, cap, d, pad, seed) =
+            (self.layout, self.n_kv_heads, self.capacity, self.head_dim, self.pad, self.data.seed);
+        self.paged.map(|p| p.layout(kind, n_seqs, hkv, cap, d, pad, seed)).transpose()
     }
 }
 
@@ -370,7 +521,21 @@ impl AppendCase {
             ));
         }
         let n_seqs = self.starts.len();
-        let layout = layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?;
+        let (layout, paging) = match self.paged_layout()? {
+            Some(paged) => (paged.pool(), Some(Paging { pages_per_seq: paged.block_tables[0].len() })),
+            None => (layout(self.layout, n_seqs, self.n_kv_heads, self.capacity, self.head_dim, self.pad)?, None),
+        };
+        if let Some(paged) = self.paged
+            && let Some((b, &s)) = self.starts.iter().enumerate().find(|&(_, &s)| s < paged.first_writable())
+        {
+            return Err(invalid(
+                "paged.shared_pages",
+                format!(
+                    "sequence {b} starts writing at position {s}, inside the shared pages (positions below {})",
+                    paged.first_writable()
+                ),
+            ));
+        }
         Ok(AppendParams {
             n_seqs,
             n_new: self.n_new,
@@ -378,6 +543,15 @@ impl AppendCase {
             head_dim: self.head_dim,
             dtype: self.dtype,
             layout,
+            paging,
         })
+    }
+
+    /// The pool and block tables of a paged case (`None` for a contiguous cache).
+    pub fn paged_layout(&self) -> Result<Option<PagedLayout>, ParamError> {
+        let n_seqs = self.starts.len();
+        let (kind, hkv, cap, d, pad, seed) =
+            (self.layout, self.n_kv_heads, self.capacity, self.head_dim, self.pad, self.data.seed);
+        self.paged.map(|p| p.layout(kind, n_seqs, hkv, cap, d, pad, seed)).transpose()
     }
 }

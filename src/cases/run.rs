@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vkdecode_reference::dtype::{decode, load};
 use vkdecode_reference::{AttentionOptions, AttentionShape, decode_attention_with};
 
-use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs_for};
+use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs_for, block_table_words};
 use super::model::{AppendCase, AttentionCase, Case};
 use super::tolerance::{ATTENTION_MAX_NMSE, Precision, absolute_floor_for, attention_element_bound_for};
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
@@ -238,6 +238,8 @@ struct AttentionUploads {
     sinks: Option<Buffer>,
     /// The step's new K/V (fused inputs), when the inputs have them.
     new_kv: Option<(Buffer, Buffer)>,
+    /// A paged cache's block tables.
+    block_tables: Option<Buffer>,
 }
 
 impl AttentionUploads {
@@ -272,6 +274,11 @@ impl AttentionUploads {
                 )),
                 None => None,
             },
+            block_tables: inputs
+                .paged
+                .as_ref()
+                .map(|paged| upload("attention.block_tables", &words(&block_table_words(paged)), Location::Upload))
+                .transpose()?,
         })
     }
 
@@ -291,6 +298,7 @@ impl AttentionUploads {
             new_k: new_kv.map(|(k, _)| k),
             new_v: new_kv.map(|(_, v)| v),
             qk_norm_rope: None,
+            block_tables: self.block_tables.as_ref(),
         }
     }
 
@@ -313,6 +321,9 @@ pub fn run_attention_gpu(
     let p = inputs.params;
     p.validate(ctx)?;
     p.validate_seq_lens(&inputs.seq_lens)?;
+    if let Some(paged) = &inputs.paged {
+        p.validate_block_table_writes(&block_table_words(paged), &inputs.seq_lens)?;
+    }
     let dev = AttentionUploads::new(ctx, inputs, &p, p.fused)?;
     let mut rec = Recorder::new(ctx)?;
     attention::record(&mut rec, ctx, &p, dev.buffers(p.fused), mutant)?;
@@ -334,17 +345,24 @@ pub fn run_append_then_attend(ctx: &Arc<Context>, inputs: &AttentionInputs) -> R
         head_dim: p.head_dim,
         dtype: p.dtype,
         layout: p.layout,
+        paging: p.paging,
     };
     let starts: Vec<u32> = inputs.seq_lens.iter().map(|&l| l - p.n_queries as u32).collect();
     append.validate(ctx)?;
     append.validate_starts(&starts)?;
+    if let Some(paged) = &inputs.paged {
+        let tables = block_table_words(paged);
+        p.validate_block_tables(&tables)?;
+        append.validate_block_table_writes(&tables, &starts)?;
+    }
     let dev = AttentionUploads::new(ctx, inputs, &p, true)?;
     let start = Buffer::with_bytes(ctx, "kv_append.start", &words(&starts), Location::Upload)?;
     let Some((new_k, new_v)) = dev.new_kv.as_ref() else {
         return Err(crate::kernels::invalid("fused", "append-then-attend needs a fused case").into());
     };
     let mut rec = Recorder::new(ctx)?;
-    let bufs = AppendBuffers { new_k, new_v, start: &start, k_cache: &dev.k, v_cache: &dev.v };
+    let block_tables = dev.block_tables.as_ref();
+    let bufs = AppendBuffers { new_k, new_v, start: &start, k_cache: &dev.k, v_cache: &dev.v, block_tables };
     kv_append::record(&mut rec, ctx, &append, bufs, None)?;
     rec.barrier(); // the attention below reads what the append wrote
     attention::record(&mut rec, ctx, &p, dev.buffers(false), None)?;
@@ -387,8 +405,16 @@ pub fn attention_reference(inputs: &AttentionInputs) -> Vec<f64> {
     let lens: Vec<usize> = inputs.seq_lens.iter().map(|&l| l as usize).collect();
     let options =
         AttentionOptions { window: p.window, softcap: p.softcap.map(f64::from), sinks: inputs.sinks.as_deref() };
-    let out =
-        decode_attention_with(&shape, &inputs.q, &inputs.k, &inputs.v, &p.layout, &lens, f64::from(p.scale), &options);
+    let out = decode_attention_with(
+        &shape,
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        &inputs.view,
+        &lens,
+        f64::from(p.scale),
+        &options,
+    );
     out.iter().copied().collect()
 }
 
@@ -424,7 +450,7 @@ pub fn check_attention_with<T: Copy + Into<f64>>(
                 let q = &inputs.q[row..row + d];
                 let (mut max_qk, mut max_v) = (0f64, 0f64);
                 for j in first..end {
-                    let base = p.layout.offset(b, kvh, j, 0);
+                    let base = inputs.view.offset(b, kvh, j, 0);
                     let qk: f64 = (0..d).map(|i| (f64::from(q[i]) * f64::from(inputs.k[base + i])).abs()).sum();
                     max_qk = max_qk.max(scale * qk);
                     max_v = (0..d).map(|i| f64::from(inputs.v[base + i]).abs()).fold(max_v, f64::max);
@@ -530,8 +556,12 @@ pub fn judge_append_output(inputs: &AppendInputs, gpu_k: &Vec<u8>, gpu_v: &Vec<u
     let p = &inputs.params;
     let starts: Vec<usize> = inputs.starts.iter().map(|&s| s as usize).collect();
     let (mut ref_k, mut ref_v) = (inputs.k_before.clone(), inputs.v_before.clone());
-    vkdecode_reference::kv_append(p.dtype, &mut ref_k, &p.layout, &inputs.new_k, p.n_new, &starts);
-    vkdecode_reference::kv_append(p.dtype, &mut ref_v, &p.layout, &inputs.new_v, p.n_new, &starts);
+    for (cache, new) in [(&mut ref_k, &inputs.new_k), (&mut ref_v, &inputs.new_v)] {
+        match &inputs.paged {
+            Some(paged) => vkdecode_reference::kv_append_paged(p.dtype, cache, paged, new, p.n_new, &starts),
+            None => vkdecode_reference::kv_append(p.dtype, cache, &p.layout, new, p.n_new, &starts),
+        }
+    }
     let outcome = check_append(inputs, [("K", gpu_k, &ref_k), ("V", gpu_v, &ref_v)]);
     (outcome, ref_k, ref_v)
 }
@@ -550,12 +580,14 @@ pub fn check_append(inputs: &AppendInputs, caches: [(&str, &Vec<u8>, &Vec<u8>); 
             if g != w {
                 mismatches += 1;
                 if detail.is_none() {
-                    let l = &p.layout;
                     let written = (0..p.n_seqs).any(|b| {
                         (0..p.n_new).any(|t| {
                             let pos = inputs.starts[b] as usize + t;
                             (0..p.n_kv_heads).any(|h| {
-                                let base = l.offset(b, h, pos, 0);
+                                let base = match &inputs.paged {
+                                    Some(paged) => paged.offset(b, h, pos, 0),
+                                    None => p.layout.offset(b, h, pos, 0),
+                                };
                                 (base..base + p.head_dim).contains(&i)
                             })
                         })

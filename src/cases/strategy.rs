@@ -28,7 +28,8 @@ use proptest::prelude::*;
 use proptest::sample::select;
 
 use super::model::{
-    AppendCase, AppendData, AppendValues, AttentionCase, AttentionData, Case, Dist, Expect, LayoutKind, Peak, Poison,
+    AppendCase, AppendData, AppendValues, AttentionCase, AttentionData, Case, Dist, Expect, LayoutKind, PageOrder,
+    Paged, Peak, Poison,
 };
 use crate::kernels::Dtype;
 
@@ -94,6 +95,23 @@ pub fn gqa_ratio() -> impl Strategy<Value = usize> {
 /// A cache layout family and its row padding (0..=9 elements), shrinking to head-major, no pad.
 pub fn layout() -> impl Strategy<Value = (LayoutKind, usize)> {
     (select(vec![LayoutKind::HeadMajor, LayoutKind::TokenMajor]), prop_oneof![2 => Just(0usize), 3 => 1..=9usize])
+}
+
+/// A paged cache (one draw in five): a page size (small ones and the kernel tile weighted in, so
+/// pages and split-K chunks cut each other), the order of page ids, a wish for shared prefix
+/// pages (clamped by [`Paged::clamp_shared`] to what the case allows) and 0..=2 spare pages.
+/// Shrinks to a contiguous cache.
+pub fn paged() -> impl Strategy<Value = Option<Paged>> {
+    let page_size = prop_oneof![3 => select(vec![8usize, 16, 24, 32, 64]), 1 => (1..=32usize).prop_map(|k| 8 * k)];
+    let order = select(vec![PageOrder::Shuffled, PageOrder::Ascending, PageOrder::Reverse]);
+    let shared = prop_oneof![3 => Just(0usize), 1 => 1..=3usize];
+    let draw = (page_size, order, shared, 0..=2usize).prop_map(|(page_size, order, shared_pages, spare_pages)| Paged {
+        page_size,
+        order,
+        shared_pages,
+        spare_pages,
+    });
+    prop_oneof![4 => Just(None), 1 => draw.prop_map(Some)]
 }
 
 /// What fills the slots the kernel must not read: NaN, Inf or random bit patterns.
@@ -226,6 +244,7 @@ struct AttentionDraw {
     capacity: usize,
     lens: Vec<LenDraw>,
     layout: (LayoutKind, usize),
+    paged: Option<Paged>,
     poison: Poison,
     regime: Regime,
     scale: Option<f32>,
@@ -247,6 +266,7 @@ impl AttentionDraw {
             capacity,
             layout: self.layout.0,
             pad: self.layout.1,
+            paged: self.paged,
             scale: self.scale,
             window: self.options.window.map(|w| (capacity * usize::from(w) / 1000).max(1)),
             softcap: self.options.softcap,
@@ -270,6 +290,11 @@ impl AttentionDraw {
             case.seq_lens.iter_mut().for_each(|l| *l = (*l).max(nq));
         }
         fit_work(&mut case, limits.max_work);
+        if let Some(paged) = &mut case.paged {
+            // A fused step writes its new tokens; they must not land in shared pages.
+            let writes = case.fused.then(|| case.seq_lens.iter().map(|&l| l - case.n_queries).min().unwrap_or(0));
+            paged.clamp_shared(capacity, writes);
+        }
         let d = &mut case.data;
         let regime = match self.regime {
             Regime::Normal => "normal values",
@@ -335,10 +360,10 @@ pub fn attention_case() -> impl Strategy<Value = AttentionCase> {
 pub fn attention_case_within(limits: AttentionLimits) -> impl Strategy<Value = AttentionCase> {
     let shape = (head_dim(), 1..=4usize, gqa_ratio(), 1..=8usize, capacity(limits.max_capacity));
     let lens = proptest::collection::vec(len_draw(), 1..=4);
-    let values = (poison(), regime(), scale(), options(), any::<u64>());
+    let values = (poison(), regime(), scale(), options(), any::<u64>(), paged());
     (dtype(), shape, lens, layout(), values).prop_map(
         move |(dtype, (head_dim, n_kv_heads, ratio, n_queries, capacity), lens, layout, values)| {
-            let (poison, regime, scale, options, seed) = values;
+            let (poison, regime, scale, options, seed, paged) = values;
             AttentionDraw {
                 dtype,
                 head_dim,
@@ -348,6 +373,7 @@ pub fn attention_case_within(limits: AttentionLimits) -> impl Strategy<Value = A
                 capacity,
                 lens,
                 layout,
+                paged,
                 poison,
                 regime,
                 scale,
@@ -386,8 +412,8 @@ pub fn append_case() -> impl Strategy<Value = AppendCase> {
         prop_oneof![3 => 1..=40usize, 1 => select(EDGE_LENGTHS.to_vec())],
     );
     let values = prop_oneof![1 => Just(AppendValues::Normal), 3 => Just(AppendValues::Hostile)];
-    (shape, proptest::collection::vec(start, 1..=4), layout(), values, any::<u64>()).prop_map(
-        |((dtype, n_kv_heads, head_dim, n_new, capacity), starts, (layout, pad), values, seed)| {
+    (shape, proptest::collection::vec(start, 1..=4), layout(), values, any::<u64>(), paged()).prop_map(
+        |((dtype, n_kv_heads, head_dim, n_new, capacity), starts, (layout, pad), values, seed, mut paged)| {
             let capacity = capacity.max(n_new);
             let free = capacity - n_new;
             let starts = starts
@@ -397,7 +423,10 @@ pub fn append_case() -> impl Strategy<Value = AppendCase> {
                     StartDraw::Last => free,
                     StartDraw::Fraction(per_mille) => free * usize::from(per_mille) / 1000,
                 })
-                .collect();
+                .collect::<Vec<usize>>();
+            if let Some(paged) = &mut paged {
+                paged.clamp_shared(capacity, starts.iter().copied().min());
+            }
             AppendCase {
                 description: String::new(),
                 dtype,
@@ -408,6 +437,7 @@ pub fn append_case() -> impl Strategy<Value = AppendCase> {
                 capacity,
                 layout,
                 pad,
+                paged,
                 data: AppendData { seed, values },
                 expect: Expect::Pass,
             }

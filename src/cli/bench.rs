@@ -64,7 +64,8 @@ figure, plus Qwen3-0.6B (h16:kv8:d128) and Qwen3-8B (h32:kv8:d128) at kv 512, 20
 Examples:
   vkdecode bench attention --quick
   vkdecode bench attention --shape h32:kv8:d128:len4096 --shape h16:kv8:d128:len32768:bf16:batch4
-  vkdecode bench attention --compare-fused --shape h32:kv8:d128:len4096 --json";
+  vkdecode bench attention --compare-fused --shape h32:kv8:d128:len4096 --json
+  vkdecode bench attention --paged 16 --paged 64 --shape h32:kv8:d128:len16384";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LayoutArg {
@@ -112,6 +113,10 @@ pub struct AttentionArgs {
     /// Positions per split-K chunk (a multiple of 64) [default: the kernel's choice]
     #[arg(long, value_name = "N")]
     split_chunk: Option<usize>,
+    /// Also time every shape on a paged cache with pages of N positions (a multiple of 8 in
+    /// 8..=256; block tables in a shuffled order), beside the contiguous cache (repeatable)
+    #[arg(long = "paged", value_name = "N", value_parser = check_page_size, conflicts_with_all = ["compare_fused", "manifest"])]
+    page_sizes: Vec<usize>,
     /// Assumed last-level cache in MiB: K/V rotate over copies spanning at least twice this (0: no
     /// rotation)
     #[arg(long, value_name = "MIB", default_value_t = ASSUMED_LLC_BYTES / MIB)]
@@ -126,6 +131,13 @@ pub struct AttentionArgs {
     /// Print one JSON object (device, settings, copy bandwidth, every row) instead of the table
     #[arg(long)]
     json: bool,
+}
+
+fn check_page_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (8..=256).contains(&n) && n.is_multiple_of(8) => Ok(n),
+        _ => Err(format!("`{text}` is not a page size: a multiple of 8 in 8..=256")),
+    }
 }
 
 fn check_shape(spec: &str) -> Result<String, String> {
@@ -228,12 +240,21 @@ fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish
             LayoutArg::Token => LayoutKind::TokenMajor,
         },
         split_chunk: args.split_chunk,
+        page_size: None,
         llc_bytes: args.llc_mib * MIB,
     };
+    // The contiguous cache, then each --paged page size, side by side.
+    let configs: Vec<AttentionBenchConfig> = std::iter::once(None)
+        .chain(args.page_sizes.iter().map(|&n| Some(n)))
+        .map(|page_size| AttentionBenchConfig { page_size, ..config })
+        .collect();
     for shape in &shapes {
         for &mode in modes {
-            check(&ctx, shape, mode, &config)
-                .map_err(|e| anyhow::anyhow!("attention {} ({}): {e}", shape.spec(), mode.name()))?;
+            for c in &configs {
+                check(&ctx, shape, mode, c).map_err(|e| {
+                    anyhow::anyhow!("attention {} ({}): {e}", shape.spec(), row_label(mode, c.page_size))
+                })?;
+            }
         }
     }
     if plan.quick && !args.quick && !args.json {
@@ -245,7 +266,7 @@ fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish
 
     let per_copy = u64::from(plan.copy.warmup + plan.copy.repeats);
     let per_shape = u64::from(plan.attention.warmup + plan.attention.repeats);
-    let bar = progress_bar(2 * per_copy + per_shape * (shapes.len() * modes.len()) as u64, args.json);
+    let bar = progress_bar(2 * per_copy + per_shape * (shapes.len() * modes.len() * configs.len()) as u64, args.json);
     let mut tick = || bar.inc(1);
     bar.set_message("copy bandwidth");
     let copy = measure_copy(&ctx, plan.copy_bytes, plan.copy, true, &mut tick);
@@ -256,15 +277,18 @@ fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish
             anyhow::bail!("measuring the copy bandwidth: {e}");
         }
     };
-    let mut rows = Vec::with_capacity(shapes.len() * modes.len());
+    let mut rows = Vec::with_capacity(shapes.len() * modes.len() * configs.len());
     for shape in &shapes {
         for &mode in modes {
-            bar.set_message(format!("{} {}", shape.spec(), mode.name()));
-            match measure(&ctx, shape, mode, &config, &mut tick) {
-                Ok(m) => rows.push(m),
-                Err(e) => {
-                    bar.finish_and_clear();
-                    anyhow::bail!("attention {} ({}): {e}", shape.spec(), mode.name());
+            for c in &configs {
+                let label = row_label(mode, c.page_size);
+                bar.set_message(format!("{} {label}", shape.spec()));
+                match measure(&ctx, shape, mode, c, &mut tick) {
+                    Ok(m) => rows.push(m),
+                    Err(e) => {
+                        bar.finish_and_clear();
+                        anyhow::bail!("attention {} ({label}): {e}", shape.spec());
+                    }
                 }
             }
         }
@@ -306,6 +330,14 @@ fn run_attention(global: &Global, args: &AttentionArgs) -> anyhow::Result<Finish
     }
     check_validation(&ctx)?;
     Ok(Finish::AllAsExpected)
+}
+
+/// A row's mode, with its page size on a paged cache.
+fn row_label(mode: Mode, page_size: Option<usize>) -> String {
+    match page_size {
+        Some(n) => format!("{}, pages of {n}", mode.name()),
+        None => mode.name().to_string(),
+    }
 }
 
 /// Any validation message makes the run an error (exit 2): timings of invalid command buffers mean
@@ -410,7 +442,7 @@ fn render(
             table.row(vec![
                 m.shape.spec(),
                 m.shape.source.clone(),
-                m.mode.name().to_string(),
+                row_label(m.mode, m.page_size),
                 us(s.median_ns),
                 format!("{}–{}", us(s.p10_ns), us(s.p90_ns)),
                 num(m.gbps()),

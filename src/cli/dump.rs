@@ -16,6 +16,7 @@ use vkdecode::cases::model::{AppendCase, AttentionCase, Case};
 use vkdecode::cases::npy::{NpyData, write_atomic, write_npy};
 use vkdecode::cases::run::{AppendRun, AttentionRun};
 use vkdecode::kernels::{CacheLayout, Dtype};
+use vkdecode::reference::PagedLayout;
 use vkdecode::reference::dtype::load;
 
 use super::report::CaseResult;
@@ -105,6 +106,31 @@ fn layout_json(layout: &CacheLayout, kind: &str, pad: usize) -> Value {
     })
 }
 
+/// A paged cache's raw arrays are the page pool.
+const PAGED_RAW: &str = "raw cache elements of the page pool as uploaded (bit patterns), flat in memory order; \
+    element (b, h, pos, d) at page*stride_page + h*stride_head + (pos % page_size)*stride_pos + d with page = \
+    block_tables[b][pos // page_size]";
+
+fn block_tables(w: &mut Writer, paged: &PagedLayout) -> anyhow::Result<()> {
+    let shape = [paged.n_seqs, paged.block_tables[0].len()];
+    let meaning = "page ids of each sequence's positions, in order [B, pages_per_seq]";
+    w.array("block_tables", &shape, NpyData::U32(&paged.block_tables.concat()), meaning)
+}
+
+/// The cache layout, or for a paged cache the pool's geometry (its "sequences" are pages).
+fn cache_json(layout: &CacheLayout, paged: Option<&PagedLayout>, order: &str, pad: usize) -> Value {
+    let mut json = layout_json(layout, order, pad);
+    if let (Some(paged), Value::Object(m)) = (paged, &mut json) {
+        m.remove("stride_seq");
+        m.insert("paged".into(), json!(true));
+        m.insert("page_size".into(), json!(paged.page_size));
+        m.insert("n_pages".into(), json!(paged.n_pages));
+        m.insert("stride_page".into(), json!(paged.stride_page));
+        m.insert("pages_per_seq".into(), json!(paged.block_tables[0].len()));
+    }
+    json
+}
+
 fn verdict_json(result: &CaseResult) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("expected".into(), json!(result.expected));
@@ -129,7 +155,8 @@ pub fn attention(
     create_dir(dir)?;
     let inputs = &run.inputs;
     let p = &inputs.params;
-    let l = &p.layout;
+    // `k` and `v` are in the view's layout (a paged cache's values gathered, see `paged` below).
+    let l = &inputs.view;
     let (b, nq, h, hkv, d, cap) = (p.n_seqs, p.n_queries, p.n_q_heads, p.n_kv_heads, p.head_dim, l.capacity);
     let gather = |values: &[f32]| -> Vec<f32> {
         let mut out = Vec::with_capacity(b * hkv * cap * d);
@@ -156,8 +183,12 @@ pub fn attention(
          (b, h, pos, d) at b*stride_seq + h*stride_head + pos*stride_pos + d",
         p.dtype
     );
+    let raw_meaning = if inputs.paged.is_some() { PAGED_RAW.to_string() } else { raw_meaning };
     w.array("k_cache_raw", &[k_raw.len()], k_raw.data(), &raw_meaning)?;
     w.array("v_cache_raw", &[v_raw.len()], v_raw.data(), &raw_meaning)?;
+    if let Some(paged) = &inputs.paged {
+        block_tables(&mut w, paged)?;
+    }
     w.array("seq_lens", &[b], NpyData::U32(&inputs.seq_lens), "valid cache positions per sequence [B]")?;
     w.array("out_gpu", &out_shape, NpyData::F32(&run.gpu), "GPU output [B, n_queries, H, D]")?;
     w.array("out_reference", &out_shape, NpyData::F64(&run.reference), "f64 reference output [B, n_queries, H, D]")?;
@@ -190,7 +221,7 @@ pub fn attention(
     description.insert("softcap".into(), json!(p.softcap.map(f64::from)));
     description.insert("sinks".into(), json!(p.sinks));
     description.insert("fused".into(), json!(p.fused));
-    description.insert("layout".into(), layout_json(l, case.layout.name(), case.pad));
+    description.insert("layout".into(), cache_json(&p.layout, inputs.paged.as_ref(), case.layout.name(), case.pad));
     description.extend(verdict_json(result));
     description.insert("semantics".into(), json!(ATTENTION_SEMANTICS));
     // The case itself, replayable (`vkdecode replay` takes this object as a file).
@@ -228,6 +259,9 @@ pub fn append(
         let meaning = format!("{meaning}: raw {} elements (bit patterns), flat in memory order", p.dtype);
         w.array(name, &[raw.len()], raw.data(), &meaning)?;
     }
+    if let Some(paged) = &inputs.paged {
+        block_tables(&mut w, paged)?;
+    }
 
     let mut description = Map::new();
     description.insert("kernel".into(), json!("kv_append"));
@@ -237,9 +271,9 @@ pub fn append(
     description.insert("n_new".into(), json!(p.n_new));
     description.insert("n_kv_heads".into(), json!(p.n_kv_heads));
     description.insert("head_dim".into(), json!(p.head_dim));
-    description.insert("capacity".into(), json!(l.capacity));
+    description.insert("capacity".into(), json!(case.capacity));
     description.insert("starts".into(), json!(inputs.starts));
-    description.insert("layout".into(), layout_json(l, case.layout.name(), case.pad));
+    description.insert("layout".into(), cache_json(l, inputs.paged.as_ref(), case.layout.name(), case.pad));
     description.extend(verdict_json(result));
     description.insert("semantics".into(), json!(APPEND_SEMANTICS));
     description.insert("case".into(), json!(Case::KvAppend(case.clone())));

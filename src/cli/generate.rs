@@ -61,6 +61,10 @@ pub struct GenerateArgs {
     /// Element type of the KV cache
     #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
     kv_dtype: DtypeArg,
+    /// Keep the KV cache in pages of SIZE positions (a multiple of 8 in 8..=256) through a block
+    /// table, as serving engines do [default: one contiguous cache]
+    #[arg(long, value_name = "SIZE", value_parser = parse_page_size)]
+    kv_pages: Option<usize>,
     /// Decode steps per queue submit (the host reads the sampled ids once per submit)
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tokens_per_submit: u32,
@@ -70,6 +74,13 @@ pub struct GenerateArgs {
     /// Write per-dispatch GPU timestamps of every step as Chrome trace JSON (open in Perfetto)
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+}
+
+fn parse_page_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (8..=256).contains(&n) && n.is_multiple_of(8) => Ok(n),
+        _ => Err(format!("`{text}` is not a page size: a multiple of 8 in 8..=256")),
+    }
 }
 
 fn parse_preset(name: &str) -> Result<Qwen3Config, String> {
@@ -121,6 +132,7 @@ pub fn run(global: &Global, args: &GenerateArgs) -> anyhow::Result<Finish> {
 
     let options = GenerateOptions {
         kv_dtype: Dtype::from(args.kv_dtype),
+        kv_page_size: args.kv_pages,
         trace: if args.trace.is_some() { Trace::Stages } else { Trace::Off },
         tokens_per_submit: args.tokens_per_submit as usize,
         ..Default::default()

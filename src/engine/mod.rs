@@ -21,7 +21,7 @@ use std::time::Instant;
 use crate::gpu::{Buffer, Context, GpuError, Location, Recorder};
 use crate::kernels::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, QkNormRope};
 use crate::kernels::layers::{self, LayerMutant, Matrix, MatvecCall, X};
-use crate::kernels::{Dtype, KernelError};
+use crate::kernels::{CacheLayout, Dtype, KernelError, Paging};
 use crate::model::{Checkpoint, ModelError, Qwen3Config};
 use crate::reference::qwen3::rope_inv_freq;
 
@@ -109,6 +109,9 @@ pub enum Trace {
 pub struct GenerateOptions {
     /// Element type of the KV cache.
     pub kv_dtype: Dtype,
+    /// A paged KV cache with pages of this many positions (a multiple of 8 in 8..=256), its block
+    /// table in a shuffled order as a serving engine's allocator leaves it; `None`: contiguous.
+    pub kv_page_size: Option<usize>,
     /// Read every step's logits back (tests; the hot path never reads them).
     pub keep_logits: bool,
     /// Which GPU timestamps to write (per stage for `--trace`).
@@ -127,6 +130,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         GenerateOptions {
             kv_dtype: Dtype::F32,
+            kv_page_size: None,
             keep_logits: false,
             trace: Trace::Off,
             mutant: None,
@@ -373,6 +377,8 @@ struct Scratch {
     counters: Buffer,
     k_cache: Vec<Buffer>,
     v_cache: Vec<Buffer>,
+    /// The paged cache's block table (one sequence).
+    block_table: Option<Buffer>,
     attention: AttentionParams,
     /// o_proj merges attention's split-K partials (see [`consumer_merges`]).
     consumer_merge: bool,
@@ -390,7 +396,21 @@ impl Scratch {
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let f32_buffer = |name: &str, n: usize| Buffer::new(ctx, name, 4 * n as u64, Location::Device);
 
-        let attention = AttentionParams::qwen3_decode(hq, hkv, d, options.kv_dtype, capacity, c.rms_norm_eps as f32);
+        let mut attention =
+            AttentionParams::qwen3_decode(hq, hkv, d, options.kv_dtype, capacity, c.rms_norm_eps as f32);
+        let mut block_table = None;
+        if let Some(ps) = options.kv_page_size {
+            let pages = capacity.div_ceil(ps);
+            attention.layout = CacheLayout::token_major(pages, hkv, ps, d, 0);
+            attention.paging = Some(Paging { pages_per_seq: pages });
+            let mut ids: Vec<u32> = (0..pages as u32).collect();
+            let mut rng = crate::cases::rng::Rng::stream(0, "engine-pages");
+            for i in (1..pages).rev() {
+                ids.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            attention.validate_block_tables(&ids)?;
+            block_table = Some(Buffer::with_bytes(ctx, "block_table", &crate::kernels::words(&ids), Location::Upload)?);
+        }
         attention.validate(ctx)?;
         let cache_bytes = (attention.layout.min_elements() * options.kv_dtype.size()) as u64;
         let cache = |kind: &str| -> Result<Vec<Buffer>, GpuError> {
@@ -407,7 +427,8 @@ impl Scratch {
         prompt_words.extend_from_slice(prompt);
         prompt_words.resize(capacity, 0);
         let prompt_buffer = Buffer::with_bytes(ctx, "ids", &crate::kernels::words(&prompt_words), Location::Upload)?;
-        let rope = Buffer::with_bytes(ctx, "rope", &rope_table(c.rope_theta, d, capacity), Location::Upload)?;
+        let rope =
+            Buffer::with_bytes(ctx, "rope", &rope_table(c.rope_theta, d, attention.seq_capacity()), Location::Upload)?;
         let logits_location = if options.keep_logits { Location::Readback } else { Location::Device };
         let (k_cache, v_cache) = (cache("k")?, cache("v")?);
         if start > 0 {
@@ -448,6 +469,7 @@ impl Scratch {
             counters: attention::zeroed_counters(ctx, &attention)?,
             k_cache,
             v_cache,
+            block_table,
             consumer_merge: consumer_merges(c, &attention, ctx.info()),
             attention,
         })
@@ -575,6 +597,7 @@ fn record_step<'a>(
                 k_norm: &engine.qk_norms[l].1,
                 rope: &s.rope,
             }),
+            block_tables: s.block_table.as_ref(),
         };
         // o_proj merges attention's split-K partials as it reads them (few chunks).
         let attn = if s.consumer_merge {

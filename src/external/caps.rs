@@ -54,6 +54,12 @@ impl CapsFile {
         if let Some(s) = decl.slots {
             capabilities.unread_slots = s.unread;
         }
+        if capabilities.paged {
+            return Err(format!(
+                "{}: capabilities.paged: case folders do not carry block tables yet; remove it",
+                path.display()
+            ));
+        }
         if capabilities.kernels.is_empty() {
             return Err(format!("{}: capabilities.kernels is empty; name attention and/or kv_append", path.display()));
         }

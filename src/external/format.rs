@@ -164,13 +164,14 @@ fn layout_kind(layout: &crate::kernels::CacheLayout) -> LayoutKind {
 /// The arrays of an attention call, in file order.
 pub fn attention_arrays(inputs: &AttentionInputs) -> Vec<Array> {
     let p = &inputs.params;
-    let (b, t, h, hkv, d, c) = (p.n_seqs, p.n_queries, p.n_q_heads, p.n_kv_heads, p.head_dim, p.layout.capacity);
+    let view = &inputs.view;
+    let (b, t, h, hkv, d, c) = (p.n_seqs, p.n_queries, p.n_q_heads, p.n_kv_heads, p.head_dim, view.capacity);
     let logical = |cache: &[f32]| -> Vec<f32> {
         let mut out = Vec::with_capacity(b * hkv * c * d);
         for s in 0..b {
             for kh in 0..hkv {
                 for pos in 0..c {
-                    let base = p.layout.offset(s, kh, pos, 0);
+                    let base = view.offset(s, kh, pos, 0);
                     out.extend_from_slice(&cache[base..base + d]);
                 }
             }
@@ -400,6 +401,7 @@ mod tests {
             capacity: 4,
             layout: LayoutKind::TokenMajor,
             pad: 2,
+            paged: None,
             scale: None,
             window: Some(2),
             softcap: None,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{AppendGpu, Capabilities, Implementation};
-use crate::cases::data::{AppendInputs, AttentionInputs};
+use crate::cases::data::{AppendInputs, AttentionInputs, block_table_words};
 use crate::cases::run::{AttentionGpu, RunError, f32_bytes, run_attention_gpu};
 use crate::gpu::{Buffer, Context, Location, Recorder};
 use crate::kernels::kv_append::{self, AppendBuffers};
@@ -27,7 +27,7 @@ impl Builtin {
     /// kernel clean and the reverse).
     pub fn with_mutant(mutant: Option<Mutant>) -> Builtin {
         let name = mutant.map_or_else(|| "vkdecode".to_string(), |m| format!("vkdecode+{}", m.name()));
-        Builtin { name, mutant, capabilities: Capabilities::default() }
+        Builtin { name, mutant, capabilities: Capabilities::builtin() }
     }
 }
 
@@ -59,8 +59,24 @@ impl Implementation for Builtin {
         let start = Buffer::with_bytes(ctx, "kv_append.start", &words(&inputs.starts), Location::Upload)?;
         let k_cache = Buffer::with_bytes(ctx, "kv_append.k_cache", &inputs.k_before, Location::Readback)?;
         let v_cache = Buffer::with_bytes(ctx, "kv_append.v_cache", &inputs.v_before, Location::Readback)?;
+        let block_tables = match &inputs.paged {
+            Some(paged) => {
+                let tables = block_table_words(paged);
+                p.validate_block_table_writes(&tables, &inputs.starts)?;
+                Some(Buffer::with_bytes(ctx, "kv_append.block_tables", &words(&tables), Location::Upload)?)
+            }
+            None => None,
+        };
         let mut rec = Recorder::new(ctx)?;
-        let bufs = AppendBuffers { new_k: &new_k, new_v: &new_v, start: &start, k_cache: &k_cache, v_cache: &v_cache };
+        let block_tables = block_tables.as_ref();
+        let bufs = AppendBuffers {
+            new_k: &new_k,
+            new_v: &new_v,
+            start: &start,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            block_tables,
+        };
         kv_append::record(&mut rec, ctx, &p, bufs, self.mutant.and_then(Mutant::append))?;
         rec.submit()?;
         Ok(AppendGpu { k_cache: k_cache.read()?, v_cache: v_cache.read()? })

@@ -5,11 +5,12 @@
 //! still works).
 //!
 //! The same struct is the `[capabilities]` table of a manifest and of `--caps` files, so every
-//! field has a serde default that admits what vkdecode's own kernels admit.
+//! field has a serde default that admits what vkdecode's own kernels admit, except `paged`: a
+//! paged cache needs block tables the manifest and case-folder formats do not carry yet.
 
 use serde::{Deserialize, Serialize};
 
-use crate::cases::model::{AppendCase, AttentionCase, Case, LayoutKind};
+use crate::cases::model::{AppendCase, AttentionCase, Case, LayoutKind, Paged};
 use crate::cases::tolerance::Precision;
 use crate::kernels::attention::{MAX_GQA_RATIO, MAX_QUERIES};
 use crate::kernels::{Dtype, MAX_HEAD_DIM};
@@ -167,6 +168,9 @@ pub struct Capabilities {
     pub precision: Precision,
     #[serde(default)]
     pub unread_slots: SlotContract,
+    /// Paged KV caches (pools of pages through block tables).
+    #[serde(default)]
+    pub paged: bool,
 }
 
 impl Default for Capabilities {
@@ -184,6 +188,7 @@ impl Default for Capabilities {
             options: all_options(),
             precision: Precision::default(),
             unread_slots: SlotContract::default(),
+            paged: false,
         }
     }
 }
@@ -208,6 +213,11 @@ fn map_into<T: Copy + PartialEq>(x: T, options: &[T], all: &[T]) -> T {
 }
 
 impl Capabilities {
+    /// What vkdecode's own kernels support: everything the defaults admit, and paged caches.
+    pub fn builtin() -> Capabilities {
+        Capabilities { paged: true, ..Capabilities::default() }
+    }
+
     pub fn has(&self, option: AttentionOption) -> bool {
         self.options.contains(&option)
     }
@@ -224,6 +234,7 @@ impl Capabilities {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn admits_cache(
         &self,
         dtype: Dtype,
@@ -232,7 +243,11 @@ impl Capabilities {
         capacity: usize,
         layout: LayoutKind,
         pad: usize,
+        paged: Option<&Paged>,
     ) -> Result<(), Unsupported> {
+        if paged.is_some() && !self.paged {
+            return unsupported("a paged cache (capability `paged`)");
+        }
         if !self.dtypes.contains(&dtype) {
             return unsupported(format!("dtype {dtype} (capability `dtypes`)"));
         }
@@ -264,7 +279,7 @@ impl Capabilities {
     }
 
     fn admits_attention(&self, c: &AttentionCase) -> Result<(), Unsupported> {
-        self.admits_cache(c.dtype, c.head_dim, c.seq_lens.len(), c.capacity, c.layout, c.pad)?;
+        self.admits_cache(c.dtype, c.head_dim, c.seq_lens.len(), c.capacity, c.layout, c.pad, c.paged.as_ref())?;
         let ratio = c.n_q_heads / c.n_kv_heads.max(1);
         if ratio > self.max_gqa_ratio {
             return unsupported(format!("GQA ratio {ratio} (capability `max_gqa_ratio` {})", self.max_gqa_ratio));
@@ -286,7 +301,7 @@ impl Capabilities {
     }
 
     fn admits_append(&self, c: &AppendCase) -> Result<(), Unsupported> {
-        self.admits_cache(c.dtype, c.head_dim, c.starts.len(), c.capacity, c.layout, c.pad)
+        self.admits_cache(c.dtype, c.head_dim, c.starts.len(), c.capacity, c.layout, c.pad, c.paged.as_ref())
     }
 
     /// The nearest attention case these capabilities admit: a deterministic map, so a strategy
@@ -322,6 +337,12 @@ impl Capabilities {
         if !self.has(AttentionOption::SplitChunk) {
             c.split_chunk = None;
         }
+        if !self.paged {
+            c.paged = None;
+        }
+        if let Some(paged) = &mut c.paged {
+            paged.shared_pages = paged.shared_pages.min(c.capacity.div_ceil(paged.page_size));
+        }
         // The poison the implementation will get, stated in the case (a recorded failure says it).
         c.data.poison = c.data.poison.under(self.unread_slots);
         if c.fused {
@@ -345,6 +366,9 @@ impl Capabilities {
         c.capacity = capacity;
         for s in &mut c.starts {
             *s = (*s).min(capacity - c.n_new);
+        }
+        if !self.paged {
+            c.paged = None;
         }
         c
     }
@@ -431,8 +455,8 @@ mod tests {
     }
 
     #[test]
-    fn defaults_admit_every_drawn_case_unchanged() {
-        let caps = Capabilities::default();
+    fn builtin_admits_every_drawn_case_unchanged() {
+        let caps = Capabilities::builtin();
         let mut runner = TestRunner::new(Config { cases: 200, ..Config::default() });
         runner
             .run(&attention_case(), |c| {

@@ -146,7 +146,8 @@ impl HarnessMutant {
                 let p = &inputs.params;
                 if p.n_kv_heads > 1 {
                     let size = p.dtype.size();
-                    for b in 0..p.n_seqs {
+                    // Every "sequence" of the layout: for a paged cache, every page of the pool.
+                    for b in 0..p.layout.n_seqs {
                         for pos in 0..p.layout.capacity {
                             let (a, c) = (p.layout.offset(b, 0, pos, 0) * size, p.layout.offset(b, 1, pos, 0) * size);
                             let row = p.head_dim * size;
@@ -166,10 +167,10 @@ impl HarnessMutant {
     }
 }
 
-/// The inputs of one admitted case.
+/// The inputs of one admitted case (boxed: the two differ much in size).
 enum Prepared {
-    Attention(AttentionInputs),
-    Append(AppendInputs),
+    Attention(Box<AttentionInputs>),
+    Append(Box<AppendInputs>),
 }
 
 /// Runs `cases` on `imp` through its batch methods (one call per kernel family) and judges each,
@@ -185,22 +186,22 @@ pub fn judge_batch(ctx: &Arc<Context>, imp: &dyn Implementation, cases: &[Case])
                 return Ok(Err(reason));
             }
             Ok(Ok(match case {
-                Case::Attention(c) => Prepared::Attention(attention_inputs_for(c, caps.unread_slots)?),
-                Case::KvAppend(c) => Prepared::Append(append_inputs(c)?),
+                Case::Attention(c) => Prepared::Attention(Box::new(attention_inputs_for(c, caps.unread_slots)?)),
+                Case::KvAppend(c) => Prepared::Append(Box::new(append_inputs(c)?)),
             }))
         })
         .collect();
     let attention: Vec<&AttentionInputs> = prepared
         .iter()
         .filter_map(|p| match p {
-            Ok(Ok(Prepared::Attention(i))) => Some(i),
+            Ok(Ok(Prepared::Attention(i))) => Some(&**i),
             _ => None,
         })
         .collect();
     let append: Vec<&AppendInputs> = prepared
         .iter()
         .filter_map(|p| match p {
-            Ok(Ok(Prepared::Append(i))) => Some(i),
+            Ok(Ok(Prepared::Append(i))) => Some(&**i),
             _ => None,
         })
         .collect();

@@ -8,6 +8,9 @@
 //! device's subgroup size; the kernels need subgroup operations (shuffle, arithmetic).
 //! Options: sliding window, logit softcap, attention sinks, and a fused mode that appends the
 //! step's new K/V (the last `n_queries` positions of each sequence) in the same dispatch.
+//! Paged caches ([`super::Paging`]) go through a block table per sequence: every row's address
+//! takes a table lookup (the `PAGED` specialization constant, so contiguous pipelines are the
+//! code they were); chunks may start and end anywhere in a page.
 //!
 //! Contract (the same as `vkdecode_reference::decode_attention`): Q f32 `[B][n_queries][H][D]`;
 //! K/V caches of `dtype` in any non-overlapping strided layout; `seq_lens[b]` valid positions per
@@ -21,11 +24,11 @@ use crate::gpu::{Buffer, Context, DeviceInfo, Pipeline, PipelineDesc, Recorder};
 use crate::shaders;
 
 use super::{
-    CacheLayout, Dtype, KernelError, MAX_HEAD_DIM, ParamError, check_buffer, check_dtype, check_head_dim, check_layout,
-    grid_2d, invalid, words,
+    CacheLayout, Dtype, KernelError, MAX_HEAD_DIM, Paging, ParamError, check_block_tables, check_buffer, check_dtype,
+    check_head_dim, check_layout, check_page_writes, grid_2d, invalid, seq_capacity, words,
 };
 
-const PUSH_WORDS: usize = 16;
+const PUSH_WORDS: usize = 19;
 /// Floats of the split pass's slot-combine buffer (the shader's `O_CAP`): slots · 8 · lanes · runs
 /// per lane (the head dim the layout covers) ≤ this.
 const O_CAP: usize = 4096;
@@ -136,10 +139,16 @@ pub enum AttentionMutant {
     InterleavedRope = 9,
     /// With `qk_norm_rope`: RoPE without the RMSNorm (the engine's mutant, like `InterleavedRope`).
     SkipQkNorm = 10,
+    /// Paged: reads a row from the next page of its table (`table[b][pos / page_size + 1]`, where
+    /// that entry exists). Contiguous calls are unaffected.
+    PageIndexOffByOne = 11,
+    /// Paged: splits positions into page and slot by a hard-coded 16 (vLLM's default block size)
+    /// instead of the page size. Contiguous calls are unaffected.
+    PageSizeWrongConstant = 12,
 }
 
 impl AttentionMutant {
-    pub const ALL: [AttentionMutant; 8] = [
+    pub const ALL: [AttentionMutant; 10] = [
         AttentionMutant::CausalOffByOne,
         AttentionMutant::GqaModulo,
         AttentionMutant::NoMaxSubtract,
@@ -148,6 +157,8 @@ impl AttentionMutant {
         AttentionMutant::MergeNoRescale,
         AttentionMutant::FusedReadsCache,
         AttentionMutant::ChunkOverlap,
+        AttentionMutant::PageIndexOffByOne,
+        AttentionMutant::PageSizeWrongConstant,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -161,6 +172,8 @@ impl AttentionMutant {
             AttentionMutant::ChunkOverlap => "chunk_overlap",
             AttentionMutant::InterleavedRope => "interleaved_rope",
             AttentionMutant::SkipQkNorm => "skip_qk_norm",
+            AttentionMutant::PageIndexOffByOne => "page_index_off_by_one",
+            AttentionMutant::PageSizeWrongConstant => "page_size_wrong_constant",
         }
     }
 }
@@ -193,10 +206,14 @@ pub struct AttentionParams {
     /// Qwen3's per-head RMSNorm (this epsilon, f32 weights) and rotate_half RoPE at the query's
     /// position (the [`QkNormRope`] buffers) to them, as `shaders/qk_norm_rope.comp` would.
     pub qk_norm_rope: Option<f32>,
+    /// A paged cache: `layout` is the page pool and the `block_tables` buffer maps positions to
+    /// pages; a sequence holds `pages_per_seq · layout.capacity` positions.
+    pub paging: Option<Paging>,
 }
 
 /// The inputs of [`AttentionParams::qk_norm_rope`]: f32 `[head_dim]` norm weights for q and k,
-/// and f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position.
+/// and f32 (cos, sin) pairs `[capacity][head_dim / 2]` by position (capacity: a sequence's, with
+/// paging its pages' positions).
 #[derive(Clone, Copy)]
 pub struct QkNormRope<'a> {
     pub q_norm: &'a Buffer,
@@ -226,6 +243,8 @@ pub struct AttentionBuffers<'a> {
     pub new_v: Option<&'a Buffer>,
     /// With [`AttentionParams::qk_norm_rope`].
     pub qk_norm_rope: Option<QkNormRope<'a>>,
+    /// With [`AttentionParams::paging`]: u32 `[n_seqs][pages_per_seq]` page ids.
+    pub block_tables: Option<&'a Buffer>,
 }
 
 /// The split pass's layout (specialization constants 1..=7 and the grid's x extent), see
@@ -275,7 +294,13 @@ impl AttentionParams {
             sinks: false,
             fused: true,
             qk_norm_rope: Some(eps),
+            paging: None,
         }
+    }
+
+    /// Positions one sequence holds: the layout's capacity, or with paging its pages' positions.
+    pub fn seq_capacity(&self) -> usize {
+        seq_capacity(&self.layout, self.paging)
     }
 
     /// Number of f32 values in Q (and in the output).
@@ -362,7 +387,7 @@ impl AttentionParams {
     /// h32:kv8:d128 with 2000 of 16384 positions filled 34.4 → 12.3 µs, 8000 of 32768
     /// 63.2 → 23.4; full caches unchanged.
     pub fn split(&self, device: &DeviceInfo) -> (usize, usize) {
-        let capacity = self.layout.capacity.max(1);
+        let capacity = self.seq_capacity().max(1);
         let chunk = self.split_chunk.unwrap_or_else(|| {
             let units = device.compute_units.map_or(DEFAULT_COMPUTE_UNITS, |n| n as usize);
             let others = self.n_kv_heads * self.n_seqs * self.n_queries * self.head_blocks(device);
@@ -431,7 +456,7 @@ impl AttentionParams {
         }
         check_head_dim(self.head_dim)?;
         check_dtype(self.dtype, device)?;
-        check_layout(&self.layout, self.n_seqs, self.n_kv_heads, self.head_dim, self.dtype, device)?;
+        check_layout(&self.layout, self.n_seqs, self.paging, self.n_kv_heads, self.head_dim, self.dtype, device)?;
         if !self.scale.is_finite() {
             return Err(invalid("scale", format!("{} is not finite", self.scale)));
         }
@@ -497,16 +522,15 @@ impl AttentionParams {
         Ok(())
     }
 
-    /// Checks sequence lengths (host copy of the `seq_lens` buffer) against the capacity.
+    /// Checks sequence lengths (host copy of the `seq_lens` buffer) against the capacity (with
+    /// paging, a sequence's pages).
     pub fn validate_seq_lens(&self, seq_lens: &[u32]) -> Result<(), ParamError> {
         if seq_lens.len() != self.n_seqs {
             return Err(invalid("seq_lens", format!("{} entries for {} sequences", seq_lens.len(), self.n_seqs)));
         }
-        if let Some((b, &len)) = seq_lens.iter().enumerate().find(|&(_, &l)| l as usize > self.layout.capacity) {
-            return Err(invalid(
-                "seq_lens",
-                format!("sequence {b}: length {len} exceeds capacity {}", self.layout.capacity),
-            ));
+        let capacity = self.seq_capacity();
+        if let Some((b, &len)) = seq_lens.iter().enumerate().find(|&(_, &l)| l as usize > capacity) {
+            return Err(invalid("seq_lens", format!("sequence {b}: length {len} exceeds capacity {capacity}")));
         }
         if self.fused
             && let Some((b, &len)) = seq_lens.iter().enumerate().find(|&(_, &l)| (l as usize) < self.n_queries)
@@ -517,6 +541,28 @@ impl AttentionParams {
             ));
         }
         Ok(())
+    }
+
+    /// Checks block tables (host copy of the `block_tables` buffer, u32 `[n_seqs][pages_per_seq]`):
+    /// the length, every page id within the pool (`layout.n_seqs` pages), and no page twice in
+    /// one table (the reference's `PagedLayout::validate` refuses that too). Unpaged calls take
+    /// an empty slice.
+    pub fn validate_block_tables(&self, tables: &[u32]) -> Result<(), ParamError> {
+        check_block_tables(tables, self.n_seqs, self.paging, self.layout.n_seqs)
+    }
+
+    /// [`Self::validate_block_tables`], and in fused mode, where each sequence writes its last
+    /// `n_queries` positions (from `seq_lens`), that no page it writes is listed by another
+    /// sequence (whose workgroups could be reading it in the same dispatch).
+    pub fn validate_block_table_writes(&self, tables: &[u32], seq_lens: &[u32]) -> Result<(), ParamError> {
+        self.validate_block_tables(tables)?;
+        let Some(paging) = self.paging.filter(|_| self.fused) else { return Ok(()) };
+        let capacity = self.seq_capacity();
+        let writes = seq_lens.iter().map(|&l| {
+            let end = (l as usize).min(capacity);
+            end.saturating_sub(self.n_queries)..end
+        });
+        check_page_writes(tables, paging, self.layout.capacity, writes)
     }
 }
 
@@ -600,7 +646,7 @@ fn record_split<'a>(
             let d = params.head_dim as u64;
             check_buffer("q_norm", b.q_norm.size(), 4 * d)?;
             check_buffer("k_norm", b.k_norm.size(), 4 * d)?;
-            check_buffer("rope", b.rope.size(), 4 * d * params.layout.capacity as u64)?;
+            check_buffer("rope", b.rope.size(), 4 * d * params.seq_capacity() as u64)?;
             [b.q_norm, b.k_norm, b.rope]
         }
         (Some(_), None) => {
@@ -618,11 +664,24 @@ fn record_split<'a>(
         (true, _, _) => return Err(invalid("fused", "fused mode needs the new_k and new_v buffers").into()),
         (false, _, _) => (bufs.q, bufs.q),
     };
+    let block_tables = match (params.paging, bufs.block_tables) {
+        (Some(paging), Some(b)) => {
+            check_buffer("block_tables", b.size(), 4 * (params.n_seqs * paging.pages_per_seq) as u64)?;
+            b
+        }
+        (Some(_), None) => {
+            return Err(invalid("block_tables", "`paging` is set but no block_tables buffer was given").into());
+        }
+        (None, _) => bufs.seq_lens,
+    };
 
     let pipeline = split_pipeline(ctx, params, mutant)?;
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let launch = params.launch(ctx.info());
     let l = &params.layout;
+    // Paged: stride_seq is the page stride, capacity a sequence's, and the pool's pages follow.
+    let (page_size, pages_per_seq, n_pages) =
+        params.paging.map_or((0, 0, 0), |p| (l.capacity as u32, p.pages_per_seq as u32, l.n_seqs as u32));
     let push = words(&[
         params.n_queries as u32,
         params.n_q_heads as u32,
@@ -631,7 +690,7 @@ fn record_split<'a>(
         l.stride_seq as u32,
         l.stride_head as u32,
         l.stride_pos as u32,
-        l.capacity as u32,
+        params.seq_capacity() as u32,
         params.scale.to_bits(),
         params.n_seqs as u32,
         chunk as u32,
@@ -640,6 +699,9 @@ fn record_split<'a>(
         params.softcap.unwrap_or(0.0).to_bits(),
         u32::from(params.sinks) | (u32::from(merge && merge_in_split) << 1),
         params.qk_norm_rope.unwrap_or(0.0).to_bits(),
+        page_size,
+        pages_per_seq,
+        n_pages,
     ]);
     let buffers = [
         bufs.q,
@@ -656,6 +718,7 @@ fn record_split<'a>(
         qk[1],
         qk[2],
         bufs.counters,
+        block_tables,
     ];
     // Head blocks of one chunk are adjacent in x, so their shared K/V reads meet in L2.
     let groups =
@@ -692,8 +755,8 @@ fn record_split<'a>(
     Ok(None)
 }
 
-/// Storage buffers the split pipeline binds (the chunk counters last).
-const SPLIT_BINDINGS: u32 = 14;
+/// Storage buffers the split pipeline binds (the chunk counters, then the block tables, last).
+const SPLIT_BINDINGS: u32 = 15;
 
 /// The split pass's pipeline for `params` on this device (its variant and launch shape): what
 /// [`record`] dispatches, and what a benchmark asks for the driver's statistics.
@@ -724,6 +787,7 @@ pub fn split_pipeline(
         (5, u32::from(launch.vector_loads)),
         (6, launch.workgroup_size as u32),
         (7, launch.merge_unroll as u32),
+        (8, u32::from(params.paging.is_some())),
     ];
     Ok(ctx.pipeline(&PipelineDesc {
         shader,
@@ -748,7 +812,7 @@ mod tests {
     use crate::cases::tolerance::{U, attention_element_bound};
     use crate::gpu::Location;
     use crate::reference::qwen3::{qk_norm_rope, rope_inv_freq};
-    use crate::reference::{AttentionOptions, AttentionShape, decode_attention_with, dtype};
+    use crate::reference::{AttentionOptions, AttentionShape, PagedLayout, decode_attention_with, dtype};
 
     const EPS: f32 = 1e-6;
     const THETA: f64 = 1e6;
@@ -786,6 +850,7 @@ mod tests {
             new_k: Some(&b),
             new_v: Some(&b),
             qk_norm_rope: None,
+            block_tables: None,
         };
         let mut rec = Recorder::new(&ctx).expect("recorder");
         let e = record_unmerged(&mut rec, &ctx, &params, bufs, None).err().expect("refused").to_string();
@@ -808,7 +873,7 @@ mod tests {
             (16, 8, 64, Dtype::F16, 1200, 1300),
         ];
         for (i, case) in cases.iter().enumerate() {
-            check_qk_case(&ctx, i, case, None).unwrap_or_else(|e| panic!("{e}"));
+            check_qk_case(&ctx, i, case, None, None).unwrap_or_else(|e| panic!("{e}"));
         }
         // Its power: the engine's prologue mutants fail a narrow and a wide case; dropping the
         // rescale of the merge (in the split pass here) fails the cases with several visible
@@ -820,9 +885,35 @@ mod tests {
         ];
         for (m, which) in must_fail {
             for &i in which {
-                assert!(check_qk_case(&ctx, i, &cases[i], Some(m)).is_err(), "{} survives case {i}", m.name());
+                assert!(check_qk_case(&ctx, i, &cases[i], None, Some(m)).is_err(), "{} survives case {i}", m.name());
             }
         }
+        assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
+    }
+
+    /// The same prologue over a paged cache (token-major pages, the table reversed, a spare page):
+    /// the new K/V row lands through the table and the output matches the reference over the
+    /// gathered cache; chunk boundaries (multiples of 64) fall inside pages of 48.
+    #[test]
+    fn the_qk_norm_rope_prologue_matches_the_reference_through_block_tables() {
+        let ctx = Context::shared().expect("a Vulkan device (lavapipe in CI)");
+        let cases: [(QkCase, usize); 4] = [
+            ((8, 8, 64, Dtype::F32, 37, 40), 8),
+            ((4, 2, 32, Dtype::Bf16, 17, 32), 16),
+            ((16, 2, 128, Dtype::F16, 300, 336), 48),
+            ((16, 8, 64, Dtype::F16, 1200, 1280), 64),
+        ];
+        for (i, (case, page_size)) in cases.iter().enumerate() {
+            check_qk_case(&ctx, i, case, Some(*page_size), None).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let m = AttentionMutant::PageIndexOffByOne;
+        assert!(check_qk_case(&ctx, 2, &cases[2].0, Some(cases[2].1), Some(m)).is_err(), "{} survives", m.name());
+        assert_eq!(
+            check_qk_case(&ctx, 2, &cases[2].0, None, Some(m)),
+            Ok(()),
+            "{} changes a contiguous call",
+            m.name()
+        );
         assert_eq!(ctx.take_validation_messages(), Vec::<String>::new());
     }
 
@@ -830,11 +921,13 @@ mod tests {
     type QkCase = (usize, usize, usize, Dtype, usize, usize);
 
     /// One case of [`the_qk_norm_rope_prologue_matches_the_reference`]: the first difference
-    /// beyond the bound, if any.
+    /// beyond the bound, if any. With `page_size` the cache is a pool of token-major pages of that
+    /// many positions (`capacity` a multiple of it), listed in reverse, and one spare page.
     fn check_qk_case(
         ctx: &Arc<Context>,
         case: usize,
         &(hq, hkv, d, kv, len, capacity): &QkCase,
+        page_size: Option<usize>,
         mutant: Option<AttentionMutant>,
     ) -> Result<(), String> {
         macro_rules! ensure {
@@ -851,17 +944,38 @@ mod tests {
             |n: usize, sd: f64, mean: f64| -> Vec<f32> { (0..n).map(|_| (mean + sd * rng.normal()) as f32).collect() };
         let (q, new_k, new_v) = (normal(hq * d, 2.0, 0.0), normal(hkv * d, 2.0, 0.5), normal(hkv * d, 1.0, 0.0));
         let (q_norm, k_norm) = (normal(d, 0.5, 1.0), normal(d, 0.5, 1.0));
-        let params = AttentionParams::qwen3_decode(hq, hkv, d, kv, capacity, EPS);
+        let mut params = AttentionParams::qwen3_decode(hq, hkv, d, kv, capacity, EPS);
+        // Paged: pages n − 1 .. 1 in table order, page 0 spare.
+        let paged = page_size.map(|ps| {
+            let pages = capacity / ps;
+            let table: Vec<u32> = (1..=pages as u32).rev().collect();
+            PagedLayout::token_major(hkv, d, 0, ps, pages + 1, vec![table])
+        });
+        if let Some(paged) = &paged {
+            let ps = paged.page_size;
+            params.layout =
+                CacheLayout { n_seqs: paged.n_pages, capacity: ps, stride_seq: paged.stride_page, ..params.layout };
+            params.paging = Some(Paging { pages_per_seq: capacity / ps });
+        }
         let layout = params.layout;
+        // The position element i of the cache holds (none in a spare page).
+        let position = |i: usize| match &paged {
+            Some(paged) => {
+                let (page, slot) = (i / paged.stride_page, (i % paged.stride_page) / paged.stride_pos);
+                let entry = paged.block_tables[0].iter().position(|&p| p as usize == page);
+                entry.map(|e| e * paged.page_size + slot)
+            }
+            None => Some((i / layout.stride_pos) % capacity),
+        };
         let elements = layout.min_elements();
         let size = kv.size();
         let mut cache_init = |seed: f64| -> Vec<u8> {
             let mut bytes = vec![0u8; elements * size];
             let values = normal(elements, seed, 0.0);
             for (i, &x) in values.iter().enumerate() {
-                // The slot being written holds NaN: the kernel must not read it.
-                let pos = (i / layout.stride_pos) % capacity;
-                let bits = if pos == len - 1 { dtype::encode(kv, f32::NAN) } else { dtype::encode(kv, x) };
+                // The slot being written and spare pages hold NaN: the kernel must not read them.
+                let unread = position(i).is_none_or(|pos| pos == len - 1);
+                let bits = if unread { dtype::encode(kv, f32::NAN) } else { dtype::encode(kv, x) };
                 dtype::store(kv, &mut bytes, i, bits);
             }
             bytes
@@ -880,6 +994,7 @@ mod tests {
         let pml =
             Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(ctx.info()), Location::Device).expect("buffer");
         let counters = zeroed_counters(ctx, &params).expect("buffer");
+        let tables = paged.as_ref().map(|paged| up("block_tables", &words(&paged.block_tables[0])));
         let mut rec = Recorder::new(ctx).expect("recorder");
         let bufs = AttentionBuffers {
             q: &qb,
@@ -894,6 +1009,7 @@ mod tests {
             new_k: Some(&kb),
             new_v: Some(&vb),
             qk_norm_rope: Some(QkNormRope { q_norm: &qn, k_norm: &kn, rope: &rope }),
+            block_tables: tables.as_ref(),
         };
         record(&mut rec, ctx, &params, bufs, mutant).expect(&what);
         rec.submit().expect("submit");
@@ -929,9 +1045,9 @@ mod tests {
         let (k_gpu, v_gpu) = (k_cache.read().expect("read"), v_cache.read().expect("read"));
         let at = |i: usize, bytes: &[u8]| dtype::decode(kv, dtype::load(kv, bytes, i));
         for i in 0..elements {
-            let (p, rest) = ((i / layout.stride_pos) % capacity, i % layout.stride_pos);
+            let (p, rest) = (position(i), i % layout.stride_pos);
             let (h, dim) = (rest / d, rest % d);
-            if p == pos && rest < hkv * d {
+            if p == Some(pos) && rest < hkv * d {
                 let (got, want) = (f64::from(at(i, &k_gpu)), f64::from(k_ref[h * d + dim]));
                 let slack = eta * k_pairs[h * d + dim];
                 let bound = slack + r * (want.abs() + slack) + 2f64.powi(-25);
@@ -947,16 +1063,21 @@ mod tests {
         // The output against the reference over the cache the GPU wrote.
         let decoded = |bytes: &[u8]| -> Vec<f32> { (0..elements).map(|i| at(i, bytes)).collect() };
         let (k_all, v_all) = (decoded(&k_gpu), decoded(&v_gpu));
+        // The reference reads the cache gathered through the table (a contiguous head-major one).
+        let ((k_all, view), (v_all, _)) = match &paged {
+            Some(paged) => (paged.gather(&k_all, capacity), paged.gather(&v_all, capacity)),
+            None => ((k_all, layout), (v_all, layout)),
+        };
         let shape = AttentionShape { n_seqs: 1, n_queries: 1, n_q_heads: hq, n_kv_heads: hkv, head_dim: d };
         let scale = f64::from(params.scale);
         let want =
-            decode_attention_with(&shape, &q_ref, &k_all, &v_all, &layout, &[len], scale, &AttentionOptions::default());
+            decode_attention_with(&shape, &q_ref, &k_all, &v_all, &view, &[len], scale, &AttentionOptions::default());
         let got: Vec<f32> =
             out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         let ratio = hq / hkv;
         for h in 0..hq {
             let g = h / ratio;
-            let row = |j: usize| (0..d).map(move |dim| j * layout.stride_pos + g * layout.stride_head + dim);
+            let row = |j: usize| (0..d).map(move |dim| view.offset(0, g, j, dim));
             let (mut s, mut s_a, mut v_max) = (0f64, 0f64, 0f64);
             for j in 0..len {
                 let (mut dot, mut dot_a) = (0.0, 0.0);

@@ -335,6 +335,12 @@ impl Manifest {
             return Err(err("kernel", format!("`{}`: manifests describe `attention` kernels", decl.kernel)));
         }
         decl.capabilities.validate().map_err(|p| err("capabilities", p))?;
+        if decl.capabilities.paged {
+            return Err(err(
+                "capabilities.paged",
+                "manifests have no binding role for block tables yet; remove it".into(),
+            ));
+        }
         let mut capabilities =
             Capabilities { kernels: vec![crate::implementation::KernelKind::Attention], ..decl.capabilities };
         // New K/V inputs (fused append + attend) have no buffer role yet.

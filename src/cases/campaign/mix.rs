@@ -37,7 +37,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 
 use crate::cases::model::{AppendCase, AppendValues, AttentionCase, Case, Dist, LayoutKind, Peak, Poison};
-use crate::cases::strategy::{AttentionLimits, GQA_RATIOS, TILE, append_case, attention_case_within};
+use crate::cases::strategy::{AttentionLimits, GQA_RATIOS, TILE, append_case, attention_case_within, paged};
 use crate::kernels::Dtype;
 use crate::kernels::attention::{CHUNK_TILE, MAX_GQA_RATIO, MAX_QUERIES};
 
@@ -536,8 +536,9 @@ pub fn adversarial_append() -> impl Strategy<Value = AppendCase> {
     ];
     let values = prop_oneof![1 => Just(AppendValues::Normal), 3 => Just(AppendValues::Hostile)];
     let shape = (dtype(), 1..=16usize, any_head_dim(), n_new, capacity);
-    (shape, proptest::collection::vec(start, 1..=4), layout(), values, any::<u64>()).prop_map(
-        |((dtype, n_kv_heads, head_dim, n_new, capacity), starts, (layout, pad), values, seed)| {
+    (shape, proptest::collection::vec(start, 1..=4), layout(), values, any::<u64>(), paged()).prop_map(
+        |((dtype, n_kv_heads, head_dim, n_new, capacity), starts, (layout, pad), values, seed, paged)| {
+            let short = matches!(capacity, AppendCapacity::Slack(_));
             let capacity = match capacity {
                 AppendCapacity::Slack(slack) => n_new + slack,
                 AppendCapacity::Long(c) => c,
@@ -574,6 +575,11 @@ pub fn adversarial_append() -> impl Strategy<Value = AppendCase> {
                 } else {
                     break;
                 }
+            }
+            // Paged pools only for short caches: a long one's pages would pass the portable size.
+            if short && let Some(mut paged) = paged {
+                paged.clamp_shared(case.capacity, case.starts.iter().copied().min());
+                case.paged = Some(paged);
             }
             case.description = "vkdecode-fuzz adversarial append".into();
             case
@@ -622,16 +628,24 @@ impl Kernels {
     }
 }
 
-/// Labels attention cases with their generator and forces a small split-K chunk on a quarter.
+/// Labels attention cases with their generator and forces a small split-K chunk on a quarter;
+/// adversarial cases get a paged cache as often as the shared strategy draws one.
 fn labelled<S: Strategy<Value = AttentionCase>>(
     strategy: S,
     generator: &'static str,
 ) -> impl Strategy<Value = FuzzCase> {
     let split = prop_oneof![3 => Just(None), 1 => (1..=4usize).prop_map(|k| Some(k * CHUNK_TILE))];
-    (strategy, split).prop_map(move |(mut case, forced)| {
+    (strategy, split, paged()).prop_map(move |(mut case, forced, paged)| {
         let regime = case.description.rsplit(": ").next().unwrap_or_default().to_string();
         if forced.is_some() {
             case.split_chunk = forced;
+        }
+        if generator == "adversarial"
+            && let Some(mut paged) = paged
+        {
+            let writes = case.fused.then(|| case.seq_lens.iter().map(|&l| l - case.n_queries).min().unwrap_or(0));
+            paged.clamp_shared(case.capacity, writes);
+            case.paged = Some(paged);
         }
         FuzzCase { origin: format!("{generator}: {regime}"), case: Case::Attention(case) }
     })

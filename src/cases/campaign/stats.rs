@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::mix::FuzzCase;
-use crate::cases::model::{AppendCase, AttentionCase, Case, LayoutKind};
+use crate::cases::model::{AppendCase, AttentionCase, Case, LayoutKind, Paged};
 use crate::cases::strategy::TILE;
 
 /// Cases and failures in one bucket.
@@ -201,6 +201,15 @@ fn layout_name(kind: LayoutKind, pad: usize) -> String {
     if pad == 0 { kind.name().to_string() } else { format!("{}+pad", kind.name()) }
 }
 
+/// A paged cache by page size (and whether pages are shared); "contiguous" otherwise.
+fn paging_name(paged: Option<&Paged>) -> String {
+    match paged {
+        None => "contiguous".into(),
+        Some(p) if p.shared_pages > 0 => format!("pages of {}, shared", p.page_size),
+        Some(p) => format!("pages of {}", p.page_size),
+    }
+}
+
 fn is_prime(n: usize) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
@@ -221,6 +230,7 @@ fn attention_buckets(fc: &FuzzCase, c: &AttentionCase) -> Vec<(String, String)> 
         ("kv_len", kv_bucket(longest).to_string()),
         ("dtype", c.dtype.name().to_string()),
         ("layout", layout_name(c.layout, c.pad)),
+        ("paging", paging_name(c.paged.as_ref())),
         ("poison", format!("{:?}", c.data.poison).to_lowercase()),
         ("regime", fc.origin.clone()),
         ("n_queries", c.n_queries.to_string()),
@@ -264,6 +274,7 @@ fn append_buckets(fc: &FuzzCase, c: &AppendCase) -> Vec<(String, String)> {
         ("capacity", kv_bucket(c.capacity).to_string()),
         ("dtype", c.dtype.name().to_string()),
         ("layout", layout_name(c.layout, c.pad)),
+        ("paging", paging_name(c.paged.as_ref())),
         ("values", format!("{:?}", c.data.values).to_lowercase()),
         ("batch", c.starts.len().to_string()),
         ("regime", fc.origin.clone()),
