@@ -116,7 +116,12 @@ fn the_exact_numpy_runner_passes_corpus_and_grid_strictly() {
     let caps = caps("numpy_f64.toml");
     let cases = corpus_and_grid();
     let done = export(&dir, &cases, &caps.capabilities, |_| {}).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(done.written.len(), cases.len(), "numpy-f64 declares everything: {:?}", done.unsupported);
+    // Everything but paged caches, whose block tables case folders do not carry yet.
+    let paged = done.unsupported.iter().filter(|(_, why)| why.contains("capability `paged`")).count();
+    assert_eq!(done.unsupported.len(), paged, "numpy-f64 declares everything else: {:?}", done.unsupported);
+    assert!(paged > 0, "the corpus and grid hold paged cases");
+    let cases: Vec<_> = cases.into_iter().filter(|(n, _)| !done.unsupported.iter().any(|(u, _)| u == n)).collect();
+    assert_eq!(done.written.len(), cases.len());
     run_runner("numpy_f64.py", &dir);
     let before = snapshot(&dir);
     let (passed, failed, skipped, errors) = judge_all(&dir);
