@@ -56,6 +56,8 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
     ));
     let bar = progress(Some(mutants.len() as u64), "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} mutants {msg}");
     let start = Instant::now();
+    // The name column fits the longest mutant name.
+    let w = Mutant::all().iter().map(|m| m.name().len()).max().unwrap_or(0);
     let mut hunts = Vec::new();
     let mut device_error = None;
     for mutant in mutants {
@@ -105,7 +107,7 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
         ctx = campaign.context();
         bar.suspend(|| {
             note(&format!(
-                "{:<32} {}",
+                "{:<w$} {}",
                 mutant.name(),
                 if hunt.caught {
                     format!("caught after {} case(s), {:.2} s", hunt.cases, hunt.seconds)
@@ -132,11 +134,11 @@ pub fn run(cli: &Cli, seed: u64, stop: &AtomicBool) -> ExitCode {
         Mutant::all().len(),
         ctx.info().name
     );
-    let _ = writeln!(out, "{:<32} {:>8} {:>7} {:>9}  first detection", "mutant", "caught", "cases", "seconds");
+    let _ = writeln!(out, "{:<w$} {:>8} {:>7} {:>9}  first detection", "mutant", "caught", "cases", "seconds");
     for h in &hunts {
         let _ = writeln!(
             out,
-            "{:<32} {:>8} {:>7} {:>9.2}  {}",
+            "{:<w$} {:>8} {:>7} {:>9.2}  {}",
             h.mutant.name(),
             if h.caught {
                 "yes"
