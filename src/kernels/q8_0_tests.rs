@@ -262,6 +262,10 @@ fn the_gpu_quantizer_matches_ggml_on_hostile_blocks() {
     let mut rng = Rng::stream(1, "q8_0-hostile");
     let blocks = hostile_blocks(&mut rng);
     assert!(blocks.len() > 4000, "{} blocks", blocks.len());
+    // The boundaries are really there: d subnormal in f32 (id near overflow), d near the f16 max.
+    let amax = |x: &[f32; QK8_0]| x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(blocks.iter().any(|x| amax(x) > 0.0 && amax(x) / 127.0 < f32::MIN_POSITIVE));
+    assert!(blocks.iter().any(|x| amax(x) / 127.0 > 65000.0));
     let got = gpu_quantize(&ctx, &blocks, None).unwrap_or_else(|e| panic!("{e}"));
     for (i, (x, g)) in blocks.iter().zip(got.chunks_exact(Q8_0_BLOCK_BYTES)).enumerate() {
         let want = q8_0::quantize_block(x).unwrap();
