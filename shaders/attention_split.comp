@@ -4,7 +4,7 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
-// variants: f32 f16 bf16 f32_fused f16_fused bf16_fused f32_fused_qk f16_fused_qk bf16_fused_qk
+// variants: f32 f16 bf16 q8_0 f32_fused f16_fused bf16_fused f32_fused_qk f16_fused_qk bf16_fused_qk
 //
 // Decode attention, split-K flash-decoding, the split pass. One workgroup per (chunk × block of up
 // to HPW query heads of one GQA group, kv head, query token × sequence): the block's heads share
@@ -52,6 +52,10 @@
 // in page block_tables[b][pos / page_size], slot pos % page_size, looked up per row in the same
 // loads (chunks may start and end anywhere in a page). The host validates the tables; an entry
 // past the table or a page outside the pool reads as a row of zeros and is never written.
+//
+// Q8_0 (not fused): rows are ggml q8_0 blocks, 2-byte aligned, so every row takes the scalar
+// path (VEC off): a lane's run of 8 dims is 4 16-bit words of int8 pairs plus its block's f16
+// scale, dequantized qs·d in f32 (exact).
 
 #if defined(VARIANT_F32_FUSED_QK)
 #define VARIANT_F32
@@ -94,6 +98,7 @@ const uint M_INTERLEAVED_ROPE = 9;    // _qk variants: rotates neighbours (2i, 2
 const uint M_SKIP_QK_NORM = 10;       // _qk variants: RoPE without the norm
 const uint M_PAGE_INDEX_OFF_BY_ONE = 11;     // paged: reads rows from the next page of the table
 const uint M_PAGE_SIZE_WRONG_CONSTANT = 12;  // paged: splits positions by 16, not the page size
+const uint M_Q8_NEIGHBOUR_SCALE = 13;        // q8_0: the next block's scale
 
 layout(constant_id = 1) const uint LANES = 16;   // invocations per K/V row (power of two)
 layout(constant_id = 2) const uint CPL = 1;      // runs of 8 dims per lane: head_dim ≤ 8·CPL·LANES
@@ -277,8 +282,46 @@ float v_elem(uint x) {
     return MUTANT == M_V_MISREAD ? kv_load_misread(x) : kv_load(x);
 }
 
+#if defined(VARIANT_Q8_0)
+// 16-bit word i of the K or V cache, 0 past its end.
+uint q8_word(bool is_v, uint i) {
+    if (is_v) return i < v_cache.length() ? uint(v_cache[i]) : 0u;
+    return i < k_cache.length() ? uint(k_cache[i]) : 0u;
+}
+
+// f16 bits to f32 in integer arithmetic (subnormal scales too, whatever the driver's denormals).
+float q8_f16_to_f32(uint h) {
+    uint sign = (h & 0x8000u) << 16;
+    uint e = (h >> 10) & 0x1fu;
+    uint m = h & 0x3ffu;
+    if (e == 0u) return uintBitsToFloat(sign) + (sign != 0u ? -1.0 : 1.0) * float(m) * uintBitsToFloat(0x33800000u);
+    if (e == 31u) return uintBitsToFloat(sign | 0x7f800000u | (m << 13));
+    return uintBitsToFloat(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Dims e .. e + 7 of a q8_0 cache (a run never straddles a block: 8 divides 32); NONE: zeros.
+void q8_load8(bool is_v, uint e, out vec4 lo, out vec4 hi) {
+    lo = vec4(0.0);
+    hi = vec4(0.0);
+    if (e == NONE) return;
+    uint n = is_v ? v_cache.length() : k_cache.length();
+    uint w0 = e / QK8_0 * Q8_WORDS;
+    uint sw = MUTANT == M_Q8_NEIGHBOUR_SCALE && w0 + 2u * Q8_WORDS <= n ? w0 + Q8_WORDS : w0;
+    uint wq = w0 + 1u + (e % QK8_0) / 2u;
+    if (wq + 3u >= n) return;
+    float d = q8_f16_to_f32(q8_word(is_v, sw));
+    lo = vec4(q8_pair(q8_word(is_v, wq), d), q8_pair(q8_word(is_v, wq + 1u), d));
+    hi = vec4(q8_pair(q8_word(is_v, wq + 2u), d), q8_pair(q8_word(is_v, wq + 3u), d));
+}
+#endif
+
 // 8 cache elements of K and of V from element e, one at a time (rows not 16-byte aligned).
 void load_scalar8(uint e, out vec4 k0, out vec4 k1, out vec4 v0, out vec4 v1) {
+#if defined(VARIANT_Q8_0)
+    q8_load8(false, e, k0, k1);
+    q8_load8(true, e, v0, v1);
+    return;
+#endif
     float kf[8], vf[8];
     [[unroll]] for (uint u = 0; u < 8u; ++u) {
         uint idx = e + u;
@@ -414,7 +457,11 @@ void step(uint base, uint lim, uint from, uint kv_base, uint lane, uint slot, ui
                 load_new8(nrow + dc, dc, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else if (from == FROM_SCALAR) {
                 // PAGED rows at NONE: an index past both caches, so the guarded loads give zeros.
+#if defined(VARIANT_Q8_0)
+                uint e = PAGED && off == NONE ? NONE : off + dc;
+#else
                 uint e = PAGED && off == NONE ? max(k_cache.length(), v_cache.length()) : off + dc;
+#endif
                 load_scalar8(e, kf[ri], kf[ri + 1u], vf[ri], vf[ri + 1u]);
             } else {
                 uint w = (n * CPL + cr) * WPR;

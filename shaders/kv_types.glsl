@@ -7,12 +7,17 @@
 // round to nearest even, because GLSL leaves the rounding of packHalf2x16 to the driver and the
 // append contract is bit-exact. NaN becomes the canonical quiet NaN with its sign.
 
+//
+// VARIANT_Q8_0: ggml's q8_0 blocks (34 bytes: f16 scale, 32 int8), seen as 16-bit words (blocks
+// are only 2-byte aligned). The per-element helpers below compile for it but are never applied to
+// its elements: q8_0 goes through the q8_* functions at the end.
+
 #if defined(VARIANT_F32)
 #define KV_T uint
-#elif defined(VARIANT_F16) || defined(VARIANT_BF16)
+#elif defined(VARIANT_F16) || defined(VARIANT_BF16) || defined(VARIANT_Q8_0)
 #define KV_T uint16_t
 #else
-#error "compile with one of VARIANT_F32, VARIANT_F16, VARIANT_BF16"
+#error "compile with one of VARIANT_F32, VARIANT_F16, VARIANT_BF16, VARIANT_Q8_0"
 #endif
 
 // f32 bits -> f16 bits, round to nearest even.
@@ -110,5 +115,89 @@ vec2 kv_unpack2_misread(uint w) {
 #else
     return unpackHalf2x16(w);
 #endif
+}
+#endif
+
+#if defined(VARIANT_Q8_0)
+const uint QK8_0 = 32u;
+const uint Q8_WORDS = 17u;   // 16-bit words per block: the scale, then 16 pairs of int8
+
+// The f32 bits of q·2^e rounded to nearest even (subnormals included), q ≥ 2^24, `sticky` when
+// a nonzero tail lies below q's last bit. Integer arithmetic: GLSL's float division is not
+// correctly rounded on Vulkan, and the quantizer must match ggml's f32 division bit for bit.
+uint q8_round_to_f32(uint q, bool sticky, int e) {
+    int msb = findMSB(q);
+    int ex = msb + e;   // the value's unbiased exponent
+    if (ex + 127 >= 255) return 0x7f800000u;
+    int shift = ex >= -126 ? msb - 23 : -149 - e;
+    if (shift >= 32) return 0u;
+    uint s = q >> uint(shift);
+    uint rem = q & ((1u << uint(shift)) - 1u);
+    uint halfway = 1u << uint(shift - 1);
+    if (rem > halfway || (rem == halfway && (sticky || (s & 1u) == 1u))) s += 1u;
+    // Normal: (biased − 1)·2^23 + s carries a rounded-up 2^24 into the exponent; subnormal: s.
+    uint biased = ex >= -126 ? uint(ex + 127) : 1u;
+    return ((biased - 1u) << 23) + s;
+}
+
+// A positive finite f32 as m·2^e, m in [2^23, 2^24).
+void q8_split(uint bits, out uint m, out int e) {
+    uint ef = bits >> 23;
+    m = ef == 0u ? (bits & 0x7fffffu) : ((bits & 0x7fffffu) | 0x800000u);
+    e = ef == 0u ? -149 : int(ef) - 150;
+    int up = 23 - findMSB(m);
+    m <<= uint(up);
+    e -= up;
+}
+
+// ggml's d = amax / 127 and id = 1 / d (0 when d is 0), as f32 bits, correctly rounded.
+void q8_scale(uint amax_bits, out uint d_bits, out uint id_bits) {
+    d_bits = 0u;
+    id_bits = 0u;
+    if (amax_bits == 0u) return;
+    uint m;
+    int e;
+    q8_split(amax_bits, m, e);
+    uint num = m << 8;   // < 2^32; the quotient ≥ 2^24
+    d_bits = q8_round_to_f32(num / 127u, num % 127u != 0u, e - 8);
+    if (d_bits == 0u) return;
+    q8_split(d_bits, m, e);
+    // 2^48 / m by long division (m < 2^24, so the remainder stays below 2^25).
+    uint r = 1u, q = 0u;
+    for (int i = 0; i < 48; ++i) {
+        r <<= 1;
+        q <<= 1;
+        if (r >= m) {
+            r -= m;
+            q |= 1u;
+        }
+    }
+    id_bits = q8_round_to_f32(q, r != 0u, -48 - e);
+}
+
+// roundf(x · id) (or ties to even: the mutant), x finite as bits, id normal. The product is one
+// correctly rounded f32 multiply (`precise`: no contraction into the subtraction below); a
+// subnormal x is scaled into the normal range first, as drivers may flush subnormal operands.
+int q8_quantize(uint x_bits, float id, bool ties_even) {
+    uint a = x_bits & 0x7fffffffu;
+    precise float p;
+    if (a < 0x00800000u) {
+        precise float xs = float(a) * uintBitsToFloat(0x33800000u);   // x·2^125 (exact)
+        precise float ps = xs * id;
+        p = ps * uintBitsToFloat(0x01000000u);                      // ·2^-125: exact unless < 0.5
+    } else {
+        p = uintBitsToFloat(a) * id;
+    }
+    float t = trunc(p);
+    precise float f = p - t;   // exact
+    int qi = int(t);
+    bool up = ties_even ? (f > 0.5 || (f == 0.5 && (qi & 1) == 1)) : f >= 0.5;
+    qi += up ? 1 : 0;
+    return (x_bits & 0x80000000u) != 0u ? -qi : qi;
+}
+
+// Dequantized: the two int8 values of a packed 16-bit word times the block's scale (exact).
+vec2 q8_pair(uint w, float d) {
+    return vec2(float(int(w << 24) >> 24), float(int(w << 16) >> 24)) * d;
 }
 #endif

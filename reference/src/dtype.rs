@@ -3,8 +3,14 @@
 //! Rounding is round-to-nearest-even for every finite value (subnormals included, overflow to
 //! ±Inf). NaN becomes the canonical quiet NaN of the target type with the input's sign, so the
 //! bit pattern of every stored element is defined and the append kernel can be checked bit for bit.
+//!
+//! [`Dtype::Q8_0`] is a block type (ggml's q8_0, [`crate::q8_0`]): it has no per-element bits, so
+//! [`encode`], [`decode`], [`load`], [`store`] and [`Dtype::size`] are for the float types only,
+//! and buffer sizes come from [`Dtype::cache_bytes`].
 
 use serde::{Deserialize, Serialize};
+
+use crate::q8_0::{Q8_0_BLOCK_BYTES, QK8_0};
 
 /// Element type of a KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -13,16 +19,40 @@ pub enum Dtype {
     F32,
     F16,
     Bf16,
+    /// ggml's q8_0 blocks: 32 elements in 34 bytes (see [`crate::q8_0`]).
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl Dtype {
+    /// The per-element float types (grids and strategies iterate these; q8_0 is opted into).
     pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
 
-    /// Bytes per element.
+    /// Bytes per element of a float type.
+    ///
+    /// # Panics
+    ///
+    /// On [`Dtype::Q8_0`], which has no per-element size: size its buffers with
+    /// [`Dtype::cache_bytes`] and read them through blocks.
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::Q8_0 => panic!("q8_0 has no per-element size; use Dtype::cache_bytes and q8_0 blocks"),
+        }
+    }
+
+    /// Whether elements are stored one by one (f32, f16, bf16), not in blocks.
+    pub fn is_float(self) -> bool {
+        self != Dtype::Q8_0
+    }
+
+    /// Bytes of a buffer of `elements` elements: 4n, 2n, or for q8_0 34 bytes per started block
+    /// of 32 (layouts of q8_0 caches hold whole blocks, so n/32·34).
+    pub fn cache_bytes(self, elements: usize) -> usize {
+        match self {
+            Dtype::Q8_0 => elements.div_ceil(QK8_0) * Q8_0_BLOCK_BYTES,
+            _ => elements * self.size(),
         }
     }
 
@@ -31,6 +61,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
+            Dtype::Q8_0 => "q8_0",
         }
     }
 }
@@ -49,6 +80,7 @@ pub fn encode(dtype: Dtype, x: f32) -> u32 {
         Dtype::F16 => u32::from(half::f16::from_f32(x).to_bits()),
         Dtype::Bf16 if x.is_nan() => sign16(x) | 0x7fc0,
         Dtype::Bf16 => u32::from(half::bf16::from_f32(x).to_bits()),
+        Dtype::Q8_0 => panic!("{}", NO_ELEMENTS),
     }
 }
 
@@ -58,6 +90,7 @@ pub fn decode(dtype: Dtype, bits: u32) -> f32 {
         Dtype::F32 => f32::from_bits(bits),
         Dtype::F16 => half::f16::from_bits(bits as u16).to_f32(),
         Dtype::Bf16 => f32::from_bits(bits << 16),
+        Dtype::Q8_0 => panic!("{}", NO_ELEMENTS),
     }
 }
 
@@ -79,6 +112,8 @@ pub fn load(dtype: Dtype, bytes: &[u8], index: usize) -> u32 {
     word[..n].copy_from_slice(&bytes[index * n..(index + 1) * n]);
     u32::from_le_bytes(word)
 }
+
+const NO_ELEMENTS: &str = "q8_0 elements live in blocks: use crate::q8_0, not per-element encode/decode";
 
 fn sign16(x: f32) -> u32 {
     (x.to_bits() >> 16) & 0x8000
@@ -106,6 +141,23 @@ mod tests {
         assert_eq!(encode(Dtype::Bf16, f32::from_bits(0x3f80_8001)), 0x3f81);
         assert_eq!(encode(Dtype::Bf16, f32::NAN), 0x7fc0);
         assert_eq!(decode(Dtype::Bf16, 0x3f80), 1.0);
+    }
+
+    #[test]
+    fn cache_bytes_and_names() {
+        assert_eq!(Dtype::F32.cache_bytes(10), 40);
+        assert_eq!(Dtype::Bf16.cache_bytes(10), 20);
+        assert_eq!(Dtype::Q8_0.cache_bytes(96), 3 * 34);
+        assert_eq!(Dtype::Q8_0.name(), "q8_0");
+        assert_eq!(serde_json::to_string(&Dtype::Q8_0).unwrap(), "\"q8_0\"");
+        assert_eq!(serde_json::from_str::<Dtype>("\"q8_0\"").unwrap(), Dtype::Q8_0);
+        assert_eq!(serde_json::to_string(&Dtype::Bf16).unwrap(), "\"bf16\"");
+    }
+
+    #[test]
+    #[should_panic(expected = "no per-element size")]
+    fn q8_0_has_no_element_size() {
+        Dtype::Q8_0.size();
     }
 
     #[test]

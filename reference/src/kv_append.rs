@@ -17,9 +17,17 @@
 //!   `start[b] + n_new > capacity`, a cache shorter than `layout.min_elements()·dtype.size()`
 //!   bytes, or an overlapping layout (two targets sharing an element would make the result
 //!   depend on write order).
+//!
+//! # q8_0
+//!
+//! With [`Dtype::Q8_0`] each written (seq, head, pos) row of `D` values becomes `D / 32` blocks
+//! ([`q8_0::quantize_block`]); element index e lives in block e / 32, at byte (e / 32)·34. `D` and
+//! every stride must be multiples of 32, and every row must be one ggml defines (finite, a scale
+//! within f16 and a reciprocal within f32): anything else is a violated precondition (panics).
 
 use crate::dtype::{self, Dtype};
 use crate::layout::CacheLayout;
+use crate::q8_0::{self, Q8_0_BLOCK_BYTES, QK8_0};
 
 /// Writes `n_new` new tokens of every sequence into a cache, converting f32 → `dtype` (round to
 /// nearest even, NaN → canonical quiet NaN, via [`dtype::encode`]).
@@ -38,7 +46,8 @@ pub fn kv_append(dtype: Dtype, cache: &mut [u8], layout: &CacheLayout, new: &[f3
             layout.capacity
         );
     }
-    let needed = layout.min_elements() * dtype.size();
+    assert_q8_0_geometry(dtype, layout);
+    let needed = dtype.cache_bytes(layout.min_elements());
     assert!(cache.len() >= needed, "cache holds {} bytes, layout needs {needed}", cache.len());
     assert!(!layout.overlaps(), "cache layout maps distinct elements to the same place: {layout:?}");
 
@@ -57,6 +66,26 @@ pub(crate) fn write_tokens(
     (n_kv_heads, head_dim): (usize, usize),
     offset: impl Fn(usize, usize, usize, usize) -> usize,
 ) {
+    if dtype == Dtype::Q8_0 {
+        // Rows of head_dim values, in `new`'s order; each 32 of them one block.
+        let mut rows = new.chunks_exact(head_dim.max(1));
+        for (b, &s) in start.iter().enumerate() {
+            for t in 0..n_new {
+                for h in 0..n_kv_heads {
+                    let row = rows.next().expect("length checked by the caller");
+                    for (j, x) in row.chunks_exact(QK8_0).enumerate() {
+                        let x: &[f32; QK8_0] = x.try_into().expect("chunks_exact yields whole blocks");
+                        let block = q8_0::quantize_block(x).unwrap_or_else(|e| {
+                            panic!("q8_0 row (seq {b}, token {t}, head {h}) block {j} is undefined in ggml: {e}")
+                        });
+                        let at = offset(b, h, s + t, j * QK8_0) / QK8_0 * Q8_0_BLOCK_BYTES;
+                        buf[at..at + Q8_0_BLOCK_BYTES].copy_from_slice(&block);
+                    }
+                }
+            }
+        }
+        return;
+    }
     // `new` is walked in its own contiguous order, so its index is just the running count.
     let mut values = new.iter();
     for (b, &s) in start.iter().enumerate() {
@@ -68,6 +97,21 @@ pub(crate) fn write_tokens(
                 }
             }
         }
+    }
+}
+
+/// Panics unless a q8_0 layout holds whole blocks: head_dim and every stride multiples of 32.
+pub(crate) fn assert_q8_0_geometry(dtype: Dtype, layout: &CacheLayout) {
+    if dtype != Dtype::Q8_0 {
+        return;
+    }
+    for (name, v) in [
+        ("head_dim", layout.head_dim),
+        ("stride_pos", layout.stride_pos),
+        ("stride_head", layout.stride_head),
+        ("stride_seq", layout.stride_seq),
+    ] {
+        assert!(v.is_multiple_of(QK8_0), "q8_0 cache: {name} = {v} is not a multiple of {QK8_0} (whole blocks)");
     }
 }
 
@@ -318,5 +362,78 @@ mod tests {
         let mut layout = CacheLayout::head_major(1, 1, 4, 4, 0);
         layout.stride_pos = 2;
         kv_append(Dtype::F32, &mut [0u8; 64], &layout, &[0.0; 4], 1, &[0]);
+    }
+
+    /// Appends into a canary-filled q8_0 cache and checks every byte: each written row is its
+    /// blocks quantized by `q8_0::quantize_block`, every other byte still the canary.
+    fn append_q8_0_and_check(layout: &CacheLayout, new: &[f32], n_new: usize, start: &[usize]) {
+        let mut cache = vec![CANARY; Dtype::Q8_0.cache_bytes(layout.min_elements()) + 7];
+        kv_append(Dtype::Q8_0, &mut cache, layout, new, n_new, start);
+        let mut written = vec![false; cache.len()];
+        let mut rows = new.chunks_exact(layout.head_dim);
+        for (b, &s) in start.iter().enumerate() {
+            for t in 0..n_new {
+                for h in 0..layout.n_kv_heads {
+                    let row = rows.next().unwrap();
+                    for (j, x) in row.chunks_exact(QK8_0).enumerate() {
+                        let at = layout.offset(b, h, s + t, j * QK8_0) / QK8_0 * Q8_0_BLOCK_BYTES;
+                        let want = q8_0::quantize_block(x.try_into().unwrap()).unwrap();
+                        assert_eq!(&cache[at..at + Q8_0_BLOCK_BYTES], &want, "b={b} t={t} h={h} block {j}");
+                        written[at..at + Q8_0_BLOCK_BYTES].fill(true);
+                    }
+                }
+            }
+        }
+        for (j, (&byte, &w)) in cache.iter().zip(&written).enumerate() {
+            assert!(w || byte == CANARY, "q8_0: unwritten byte {j} changed");
+        }
+    }
+
+    #[test]
+    fn q8_0_rows_become_blocks_and_other_bytes_stay() {
+        let mut rng = Rng(6);
+        for layout in [
+            CacheLayout::head_major(2, 3, 5, 64, 0),
+            CacheLayout::token_major(2, 2, 4, 32, 32),
+            CacheLayout::head_major(1, 2, 3, 96, 32),
+        ] {
+            let new: Vec<f32> = (0..layout.n_seqs * 2 * layout.n_kv_heads * layout.head_dim)
+                .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 3.0)
+                .collect();
+            let start: Vec<usize> = (0..layout.n_seqs).map(|b| b % (layout.capacity - 1)).collect();
+            append_q8_0_and_check(&layout, &new, 2, &start);
+        }
+    }
+
+    #[test]
+    fn q8_0_cache_dequantizes_in_element_order() {
+        let layout = CacheLayout::token_major(1, 2, 2, 32, 0);
+        let new: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
+        let mut cache = vec![0u8; Dtype::Q8_0.cache_bytes(layout.min_elements())];
+        kv_append(Dtype::Q8_0, &mut cache, &layout, &new, 1, &[1]);
+        let values = q8_0::dequantize_cache(&cache, layout.min_elements());
+        assert_eq!(values.len(), 128);
+        for (i, &x) in new.iter().enumerate() {
+            let (h, d) = (i / 32, i % 32);
+            let block = q8_0::quantize_block(new[h * 32..][..32].try_into().unwrap()).unwrap();
+            assert_eq!(values[layout.offset(0, h, 1, d)], q8_0::dequantize_block(&block)[d], "x = {x}");
+        }
+        assert!(values[..64].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    #[should_panic(expected = "undefined in ggml")]
+    fn q8_0_panics_on_a_non_finite_input() {
+        let layout = CacheLayout::head_major(1, 1, 2, 32, 0);
+        let mut new = [1.0f32; 32];
+        new[5] = f32::NAN;
+        kv_append(Dtype::Q8_0, &mut [0u8; 68], &layout, &new, 1, &[0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "stride_pos = 40 is not a multiple of 32")]
+    fn q8_0_panics_on_a_partial_block_stride() {
+        let layout = CacheLayout::head_major(1, 1, 2, 32, 8);
+        kv_append(Dtype::Q8_0, &mut [0u8; 256], &layout, &[0.0; 32], 1, &[0]);
     }
 }

@@ -244,7 +244,8 @@ pub fn kv_append_paged(
             layout.capacity(b)
         );
     }
-    let needed = layout.min_elements() * dtype.size();
+    crate::kv_append::assert_q8_0_geometry(dtype, &layout.pool());
+    let needed = dtype.cache_bytes(layout.min_elements());
     assert!(pool.len() >= needed, "pool holds {} bytes, layout needs {needed}", pool.len());
     assert_no_slot_written_twice(layout, n_new, start);
 

@@ -90,6 +90,16 @@ pub fn dequantize_row(bytes: &[u8]) -> Result<Vec<f32>, String> {
         .collect())
 }
 
+/// Every element of a q8_0 cache of `elements` elements (whole blocks), dequantized to f32 in
+/// element order (exact: `qs·d`), as the attention reference reads it.
+pub fn dequantize_cache(bytes: &[u8], elements: usize) -> Vec<f32> {
+    let n = elements.div_ceil(QK8_0) * Q8_0_BLOCK_BYTES;
+    assert!(bytes.len() >= n, "q8_0 cache holds {} bytes, {elements} elements need {n}", bytes.len());
+    let mut values = dequantize_row(&bytes[..n]).expect("whole blocks");
+    values.truncate(elements);
+    values
+}
+
 /// Names the first non-finite value: ggml's `amax` would depend on comparison order.
 fn check_finite(x: &[f32]) -> Result<(), String> {
     match x.iter().position(|v| !v.is_finite()) {

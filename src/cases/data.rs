@@ -86,6 +86,7 @@ fn poison_bits(dtype: Dtype, poison: Poison, rng: &mut Rng) -> u32 {
         (Poison::Inf, Dtype::Bf16) => 0x7f80,
         (Poison::Garbage, Dtype::F32) => rng.next_u32(),
         (Poison::Garbage, _) => rng.next_u32() & 0xffff,
+        (_, Dtype::Q8_0) => unreachable!("q8_0 cases are refused before their data is drawn"),
         (Poison::Zero, _) => 0,
         (Poison::Large, _) => {
             let magnitude = 32.0 + 64.0 * rng.unit();
@@ -112,6 +113,7 @@ fn decode_all(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
         Dtype::Bf16 => {
             bytes.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
         }
+        Dtype::Q8_0 => vkdecode_reference::q8_0::dequantize_cache(bytes, bytes.len() / 34 * 32),
     }
 }
 
@@ -124,6 +126,12 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
 /// [`SlotContract::Finite`], NaN, Inf and garbage poison become [`Poison::Large`].
 pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result<AttentionInputs, ParamError> {
     let params = case.params()?;
+    if !params.dtype.is_float() {
+        return Err(ParamError {
+            name: "dtype",
+            problem: format!("{} cases are not supported by the suite yet", params.dtype),
+        });
+    }
     let paged = case.paged_layout()?;
     let poison = case.data.poison.under(slots);
     let p = &params;
@@ -245,6 +253,12 @@ fn hostile(rng: &mut Rng, dtype: Dtype) -> f32 {
 /// Materializes an append case.
 pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
     let params = case.params()?;
+    if !params.dtype.is_float() {
+        return Err(ParamError {
+            name: "dtype",
+            problem: format!("{} cases are not supported by the suite yet", params.dtype),
+        });
+    }
     let paged = case.paged_layout()?;
     let seed = case.data.seed;
     let n_new = params.new_elements();

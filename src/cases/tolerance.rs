@@ -109,6 +109,8 @@ fn unit(t: Dtype) -> f64 {
         Dtype::F32 => U,
         Dtype::F16 => 1.0 / 2048.0,
         Dtype::Bf16 => 1.0 / 256.0,
+        // Dequantized q8_0 values are exact f32 (qs·d): the cache adds no rounding of its own.
+        Dtype::Q8_0 => U,
     }
 }
 
@@ -119,6 +121,7 @@ fn underflow(t: Dtype) -> f64 {
         Dtype::F32 => 0.0,
         Dtype::F16 => 2f64.powi(-25),
         Dtype::Bf16 => 2f64.powi(-134),
+        Dtype::Q8_0 => 0.0,
     }
 }
 

@@ -44,10 +44,11 @@ enum Raw {
 
 impl Raw {
     fn new(dtype: Dtype, bytes: &[u8]) -> Raw {
-        let n = bytes.len() / dtype.size();
         match dtype {
-            Dtype::F32 => Raw::U32((0..n).map(|i| load(dtype, bytes, i)).collect()),
-            Dtype::F16 | Dtype::Bf16 => Raw::U16((0..n).map(|i| load(dtype, bytes, i) as u16).collect()),
+            Dtype::F32 => Raw::U32((0..bytes.len() / 4).map(|i| load(dtype, bytes, i)).collect()),
+            Dtype::F16 | Dtype::Bf16 => Raw::U16((0..bytes.len() / 2).map(|i| load(dtype, bytes, i) as u16).collect()),
+            // q8_0 blocks (34 bytes) as their little-endian 16-bit words.
+            Dtype::Q8_0 => Raw::U16(bytes.chunks_exact(2).map(|w| u16::from_le_bytes([w[0], w[1]])).collect()),
         }
     }
 

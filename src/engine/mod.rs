@@ -412,7 +412,7 @@ impl Scratch {
             block_table = Some(Buffer::with_bytes(ctx, "block_table", &crate::kernels::words(&ids), Location::Upload)?);
         }
         attention.validate(ctx)?;
-        let cache_bytes = (attention.layout.min_elements() * options.kv_dtype.size()) as u64;
+        let cache_bytes = options.kv_dtype.cache_bytes(attention.layout.min_elements()) as u64;
         let cache = |kind: &str| -> Result<Vec<Buffer>, GpuError> {
             (0..c.num_hidden_layers)
                 .map(|l| Buffer::new(ctx, &format!("{kind}_cache.{l}"), cache_bytes, Location::Device))

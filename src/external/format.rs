@@ -129,8 +129,10 @@ fn raw_cache(name: &'static str, dtype: Dtype, bytes: &[u8]) -> Array {
         Dtype::F32 => "<f4",
         Dtype::F16 => "<f2",
         Dtype::Bf16 => "<u2",
+        Dtype::Q8_0 => "|u1",
     };
-    let shape = [bytes.len() / dtype.size()];
+    // q8_0: the raw 34-byte blocks, as bytes.
+    let shape = [if dtype.is_float() { bytes.len() / dtype.size() } else { bytes.len() }];
     let mut file = crate::cases::npy::header(descr, &shape).expect("a one-dimensional header fits");
     file.extend_from_slice(bytes);
     finish(name, descr, &shape, file)
@@ -142,6 +144,7 @@ pub fn raw_descr(dtype: Dtype) -> &'static str {
         Dtype::F32 => "<f4",
         Dtype::F16 => "<f2",
         Dtype::Bf16 => "<u2",
+        Dtype::Q8_0 => "|u1",
     }
 }
 

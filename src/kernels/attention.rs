@@ -145,10 +145,13 @@ pub enum AttentionMutant {
     /// Paged: splits positions into page and slot by a hard-coded 16 (vLLM's default block size)
     /// instead of the page size. Contiguous calls are unaffected.
     PageSizeWrongConstant = 12,
+    /// q8_0: dequantizes each block with the scale of the next block in the buffer (where there is
+    /// one). Other dtypes are unaffected.
+    Q8NeighbourScale = 13,
 }
 
 impl AttentionMutant {
-    pub const ALL: [AttentionMutant; 10] = [
+    pub const ALL: [AttentionMutant; 11] = [
         AttentionMutant::CausalOffByOne,
         AttentionMutant::GqaModulo,
         AttentionMutant::NoMaxSubtract,
@@ -159,6 +162,7 @@ impl AttentionMutant {
         AttentionMutant::ChunkOverlap,
         AttentionMutant::PageIndexOffByOne,
         AttentionMutant::PageSizeWrongConstant,
+        AttentionMutant::Q8NeighbourScale,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -174,6 +178,7 @@ impl AttentionMutant {
             AttentionMutant::SkipQkNorm => "skip_qk_norm",
             AttentionMutant::PageIndexOffByOne => "page_index_off_by_one",
             AttentionMutant::PageSizeWrongConstant => "page_size_wrong_constant",
+            AttentionMutant::Q8NeighbourScale => "q8_scale_of_next_block",
         }
     }
 }
@@ -333,9 +338,12 @@ impl AttentionParams {
         let wg = SPLIT_WG.min(device.max_workgroup_invocations as usize);
         let slots = (wg / lanes).min(O_CAP / (8 * lanes * runs_per_lane)).min(ML_CAP / heads).max(1);
         let slots = 1 << slots.ilog2();
-        let elements_per_16b = 16 / self.dtype.size();
         let l = &self.layout;
-        let vec = [l.stride_seq, l.stride_head, l.stride_pos].iter().all(|s| s.is_multiple_of(elements_per_16b));
+        // q8_0 blocks are 2-byte aligned: their rows take the scalar (16-bit) loads.
+        let vec = self.dtype.is_float() && {
+            let elements_per_16b = 16 / self.dtype.size();
+            [l.stride_seq, l.stride_head, l.stride_pos].iter().all(|s| s.is_multiple_of(elements_per_16b))
+        };
         SplitLaunch {
             lanes,
             runs_per_lane,
@@ -456,6 +464,9 @@ impl AttentionParams {
         }
         check_head_dim(self.head_dim)?;
         check_dtype(self.dtype, device)?;
+        if self.dtype == Dtype::Q8_0 && (self.fused || self.qk_norm_rope.is_some()) {
+            return Err(invalid("fused", "fused with q8_0 is not supported yet"));
+        }
         check_layout(&self.layout, self.n_seqs, self.paging, self.n_kv_heads, self.head_dim, self.dtype, device)?;
         if !self.scale.is_finite() {
             return Err(invalid("scale", format!("{} is not finite", self.scale)));
@@ -619,7 +630,7 @@ fn record_split<'a>(
 ) -> Result<Option<Partials<'a>>, KernelError> {
     params.validate(ctx)?;
     let q_bytes = (params.q_elements() * 4) as u64;
-    let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
+    let cache_bytes = params.dtype.cache_bytes(params.layout.min_elements()) as u64;
     let (chunk, n_chunks) = params.split(ctx.info());
     let merge_in_split = params.merges_in_split(ctx.info());
     check_buffer("q", bufs.q.size(), q_bytes)?;
@@ -775,6 +786,8 @@ pub fn split_pipeline(
         (Dtype::F32, true, true) => &shaders::ATTENTION_SPLIT_F32_FUSED_QK,
         (Dtype::F16, true, true) => &shaders::ATTENTION_SPLIT_F16_FUSED_QK,
         (Dtype::Bf16, true, true) => &shaders::ATTENTION_SPLIT_BF16_FUSED_QK,
+        (Dtype::Q8_0, false, _) => &shaders::ATTENTION_SPLIT_Q8_0,
+        (Dtype::Q8_0, true, _) => return Err(invalid("fused", "fused with q8_0 is not supported yet").into()),
     };
     let mutant_id = mutant.map_or(0, |m| m as u32);
     let launch = params.launch(ctx.info());
@@ -1039,6 +1052,7 @@ mod tests {
             Dtype::F32 => 0.0,
             Dtype::F16 => 2f64.powi(-11),
             Dtype::Bf16 => 2f64.powi(-8),
+            Dtype::Q8_0 => unreachable!("the _qk variants refuse q8_0"),
         };
 
         // The cache: the new K row within the bound, the new V row exact, the rest untouched.

@@ -1,5 +1,6 @@
 //! KV-cache append (`shaders/kv_append.comp`): writes `n_new` tokens of K and V per sequence into
-//! f32/f16/bf16 caches at positions `start[b] + t`, rounding to nearest even. Bit-exact against
+//! f32/f16/bf16 caches at positions `start[b] + t`, rounding to nearest even, or into q8_0 caches
+//! as ggml's `quantize_row_q8_0_ref` (one invocation per block, bit-exact). Bit-exact against
 //! `vkdecode_reference::kv_append`; no byte outside the written slots changes. With paging
 //! ([`super::Paging`]) the positions go through the block tables into a page pool, bit-exact against
 //! `vkdecode_reference::kv_append_paged`; a table entry naming a page outside the pool is skipped.
@@ -26,15 +27,19 @@ pub enum AppendMutant {
     /// Paged: writes each token into the next page of its table (`table[b][pos / page_size + 1]`,
     /// where that entry exists). Contiguous calls are unaffected.
     PageOffByOne = 3,
+    /// q8_0: rounds `x·(1/d)` ties to even instead of away from zero. Other dtypes are unaffected.
+    Q8RoundHalfEven = 4,
 }
 
 impl AppendMutant {
-    pub const ALL: [AppendMutant; 3] = [AppendMutant::SlotOffByOne, AppendMutant::Truncate, AppendMutant::PageOffByOne];
+    pub const ALL: [AppendMutant; 4] =
+        [AppendMutant::SlotOffByOne, AppendMutant::Truncate, AppendMutant::PageOffByOne, AppendMutant::Q8RoundHalfEven];
     pub fn name(self) -> &'static str {
         match self {
             AppendMutant::SlotOffByOne => "slot_off_by_one",
             AppendMutant::Truncate => "truncate",
             AppendMutant::PageOffByOne => "page_off_by_one",
+            AppendMutant::Q8RoundHalfEven => "q8_round_half_even",
         }
     }
 }
@@ -75,6 +80,11 @@ impl AppendParams {
         seq_capacity(&self.layout, self.paging)
     }
 
+    /// Invocations of the dispatch: one per element, or with q8_0 one per block.
+    fn invocations(&self) -> usize {
+        if self.dtype == Dtype::Q8_0 { self.new_elements() / super::Q8_0_BLOCK } else { self.new_elements() }
+    }
+
     /// Checks the shape against the kernel's contract and the device.
     pub fn validate(&self, ctx: &Context) -> Result<(), ParamError> {
         let device = ctx.info();
@@ -95,7 +105,7 @@ impl AppendParams {
         if total > u32::MAX as usize {
             return Err(invalid("n_new", format!("{total} new elements exceed 32-bit indexing")));
         }
-        let groups = total.div_ceil(WORKGROUP);
+        let groups = self.invocations().div_ceil(WORKGROUP);
         let [max_x, max_y, _] = device.max_workgroup_count;
         if groups > max_x as usize * max_y as usize {
             return Err(invalid("n_new", format!("{groups} workgroups exceed the device's grid")));
@@ -148,7 +158,7 @@ pub fn record<'a>(
 ) -> Result<(), KernelError> {
     params.validate(ctx)?;
     let new_bytes = (params.new_elements() * 4) as u64;
-    let cache_bytes = (params.layout.min_elements() * params.dtype.size()) as u64;
+    let cache_bytes = params.dtype.cache_bytes(params.layout.min_elements()) as u64;
     check_buffer("new_k", bufs.new_k.size(), new_bytes)?;
     check_buffer("new_v", bufs.new_v.size(), new_bytes)?;
     check_buffer("start", bufs.start.size(), 4 * params.n_seqs as u64)?;
@@ -170,11 +180,14 @@ pub fn record<'a>(
         Dtype::F32 => &shaders::KV_APPEND_F32,
         Dtype::F16 => &shaders::KV_APPEND_F16,
         Dtype::Bf16 => &shaders::KV_APPEND_BF16,
+        Dtype::Q8_0 => &shaders::KV_APPEND_Q8_0,
     };
     let spec = [(0, mutant.map_or(0, |m| m as u32)), (1, u32::from(params.paging.is_some()))];
     let pipeline =
         ctx.pipeline(&PipelineDesc { shader, bindings: 6, push_constant_bytes: 4 * PUSH_WORDS as u32, spec: &spec })?;
-    let groups = params.new_elements().div_ceil(WORKGROUP) as u32;
+    // q8_0: one invocation per block of 32 values.
+    let invocations = params.invocations();
+    let groups = invocations.div_ceil(WORKGROUP) as u32;
     let max_x = ctx.info().max_workgroup_count[0];
     let (gx, gy) = grid_2d(u64::from(groups), u64::from(max_x));
     let (gx, gy) = (gx as u32, gy as u32);
@@ -191,7 +204,7 @@ pub fn record<'a>(
         l.stride_head as u32,
         l.stride_pos as u32,
         params.seq_capacity() as u32,
-        params.new_elements() as u32,
+        invocations as u32,
         gx,
         page_size,
         pages_per_seq,

@@ -77,12 +77,26 @@ fn check_size(name: &'static str, buffer: &Buffer, elements: usize, element_byte
     Ok(())
 }
 
-fn variant(dtype: Dtype, f32: &'static Shader, f16: &'static Shader, bf16: &'static Shader) -> &'static Shader {
+fn variant(
+    dtype: Dtype,
+    f32: &'static Shader,
+    f16: &'static Shader,
+    bf16: &'static Shader,
+) -> Result<&'static Shader, ParamError> {
     match dtype {
-        Dtype::F32 => f32,
-        Dtype::F16 => f16,
-        Dtype::Bf16 => bf16,
+        Dtype::F32 => Ok(f32),
+        Dtype::F16 => Ok(f16),
+        Dtype::Bf16 => Ok(bf16),
+        Dtype::Q8_0 => Err(invalid("dtype", "q8_0 weights are not supported by the layer kernels")),
     }
+}
+
+/// Bytes per element of a weight type: the float types only (q8_0 is a KV-cache type here).
+fn element_bytes(name: &'static str, dtype: Dtype) -> Result<usize, ParamError> {
+    if !dtype.is_float() {
+        return Err(invalid(name, format!("{dtype} weights are not supported by the layer kernels")));
+    }
+    Ok(dtype.size())
 }
 
 fn spec_mutant(mutant: Option<LayerMutant>) -> [(u32, u32); 1] {
@@ -228,7 +242,7 @@ fn record_matvec<'a>(
             )
             .into());
         }
-        check_size("w", w.buffer, w.rows * w.cols, dtype.size())?;
+        check_size("w", w.buffer, w.rows * w.cols, element_bytes("w", dtype)?)?;
         check_size("y", y, w.rows, 4)?;
     }
     if call.swiglu && call.outputs[0].0.rows != call.outputs[1].0.rows {
@@ -275,7 +289,7 @@ fn record_matvec<'a>(
     let mats = if call.swiglu { 2 } else { 1 };
     let MatvecShape { wg, rows: rows_per_wg, batched } =
         matvec_shape(cols, dtype, ctx.info().subgroup_size, rows, mats, merge_chunks > 0);
-    let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16);
+    let shader = variant(dtype, &shaders::MATVEC_F32, &shaders::MATVEC_F16, &shaders::MATVEC_BF16)?;
     let batched = (force_batched || batched) && vec;
     // The one path this pipeline runs (matvec.comp PATH), so its code holds nothing else.
     let path = if batched {
@@ -344,10 +358,10 @@ pub fn rmsnorm<'a>(
     if n == 0 {
         return Err(invalid("weight", "an RMSNorm over 0 values").into());
     }
-    check_size("weight", weight.buffer, n, weight.dtype.size())?;
+    check_size("weight", weight.buffer, n, element_bytes("weight", weight.dtype)?)?;
     check_size("x", x, n, 4)?;
     check_size("out", out, n, 4)?;
-    let shader = variant(weight.dtype, &shaders::RMSNORM_F32, &shaders::RMSNORM_F16, &shaders::RMSNORM_BF16);
+    let shader = variant(weight.dtype, &shaders::RMSNORM_F32, &shaders::RMSNORM_F16, &shaders::RMSNORM_BF16)?;
     let spec = spec_mutant(mutant);
     let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 12, spec: &spec })?;
     let push = words(&[n as u32, 1, eps.to_bits()]);
@@ -364,9 +378,9 @@ pub fn embed<'a>(
     x: &'a Buffer,
 ) -> Result<(), KernelError> {
     check_size("state", state, STATE_WORDS, 4)?;
-    check_size("embed_tokens", table.buffer, table.rows * table.cols, table.dtype.size())?;
+    check_size("embed_tokens", table.buffer, table.rows * table.cols, element_bytes("embed_tokens", table.dtype)?)?;
     check_size("x", x, table.cols, 4)?;
-    let shader = variant(table.dtype, &shaders::EMBED_F32, &shaders::EMBED_F16, &shaders::EMBED_BF16);
+    let shader = variant(table.dtype, &shaders::EMBED_F32, &shaders::EMBED_F16, &shaders::EMBED_BF16)?;
     let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 3, push_constant_bytes: 8, spec: &[] })?;
     let push = words(&[table.cols as u32, table.rows as u32]);
     let groups = (table.cols as u64).div_ceil(WG) as u32;
@@ -446,11 +460,11 @@ pub fn fill<'a>(
     scale: f32,
     offset: f32,
 ) -> Result<(), KernelError> {
-    check_size("w", w, elements, dtype.size())?;
+    check_size("w", w, elements, element_bytes("w", dtype)?)?;
     if elements == 0 {
         return Ok(());
     }
-    let shader = variant(dtype, &shaders::FILL_F32, &shaders::FILL_F16, &shaders::FILL_BF16);
+    let shader = variant(dtype, &shaders::FILL_F32, &shaders::FILL_F16, &shaders::FILL_BF16)?;
     let pipeline = ctx.pipeline(&PipelineDesc { shader, bindings: 1, push_constant_bytes: 16, spec: &[] })?;
     let push = words(&[elements as u32, seed, scale.to_bits(), offset.to_bits()]);
     let (gx, gy) = grid_2d((elements as u64).div_ceil(WG), u64::from(ctx.info().max_workgroup_count[0]));

@@ -17,6 +17,8 @@ pub mod kv_append;
 pub mod layers;
 #[cfg(test)]
 mod paged_tests;
+#[cfg(test)]
+mod q8_0_tests;
 
 pub use vkdecode_reference::{CacheLayout, Dtype};
 
@@ -115,7 +117,10 @@ pub(crate) fn check_layout(
     if elements > u32::MAX as usize {
         return Err(invalid("layout", format!("{elements} elements exceed 32-bit indexing")));
     }
-    let bytes = (elements * dtype.size()) as u64;
+    if dtype == Dtype::Q8_0 {
+        check_q8_0_geometry(layout)?;
+    }
+    let bytes = dtype.cache_bytes(elements) as u64;
     if bytes > device.max_storage_buffer_range {
         return Err(invalid(
             "layout",
@@ -127,6 +132,26 @@ pub(crate) fn check_layout(
     }
     Ok(())
 }
+
+/// q8_0 caches hold whole 32-element blocks: head_dim and every stride (so any pad) multiples of
+/// 32, so element e is byte (e / 32)·34 + 2 + e % 32 of its block (the page stride is a stride too).
+fn check_q8_0_geometry(layout: &CacheLayout) -> Result<(), ParamError> {
+    let axes: [(&'static str, usize); 4] = [
+        ("head_dim", layout.head_dim),
+        ("layout.stride_pos", layout.stride_pos),
+        ("layout.stride_head", layout.stride_head),
+        ("layout.stride_seq", layout.stride_seq),
+    ];
+    match axes.into_iter().find(|&(_, v)| !v.is_multiple_of(Q8_0_BLOCK)) {
+        Some((name, v)) => {
+            Err(invalid(name, format!("{v} is not a multiple of {Q8_0_BLOCK}: q8_0 caches hold whole blocks")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Elements per q8_0 block.
+pub const Q8_0_BLOCK: usize = vkdecode_reference::q8_0::QK8_0;
 
 /// The bounds a paged layout adds: a page size the shaders split positions by, at least one page
 /// in the pool and per sequence, positions within `i32` (the shaders' signed query position) and
