@@ -107,3 +107,13 @@ fn attention_page_size_from_the_wrong_constant_is_caught() {
 fn append_page_off_by_one_is_caught() {
     assert_caught(Mutant::Append(AppendMutant::PageOffByOne));
 }
+
+#[test]
+fn attention_q8_0_scale_of_the_next_block_is_caught() {
+    assert_caught(Mutant::Attention(AttentionMutant::Q8NeighbourScale));
+}
+
+#[test]
+fn append_q8_0_ties_rounded_to_even_are_caught() {
+    assert_caught(Mutant::Append(AppendMutant::Q8RoundHalfEven));
+}

@@ -237,7 +237,8 @@ proptest! {
         verdict(&wrapped, &outcome)?;
         // Independent of the reference: the canary check from the layout alone.
         let p = run.inputs.params;
-        let size = p.dtype.size();
+        // Units compared: an element, or a q8_0 block of 32 (rows are whole blocks).
+        let (elements, size) = if p.dtype == Dtype::Q8_0 { (32, 34) } else { (1, p.dtype.size()) };
         let mut written = vec![false; p.layout.min_elements()];
         for (b, &start) in run.inputs.starts.iter().enumerate() {
             for pos in start as usize..start as usize + p.n_new {
@@ -252,11 +253,11 @@ proptest! {
         }
         for (which, after, before) in [("K", &run.gpu_k, &run.inputs.k_before), ("V", &run.gpu_v, &run.inputs.v_before)] {
             prop_assert_eq!(after.len(), before.len());
-            if let Some(i) = (0..written.len())
-                .find(|&i| !written[i] && after[i * size..][..size] != before[i * size..][..size])
+            if let Some(i) = (0..written.len() / elements)
+                .find(|&i| !written[i * elements] && after[i * size..][..size] != before[i * size..][..size])
             {
                 return Err(fail(&wrapped, format_args!(
-                    "{which} cache element {i}, outside every written slot, changed: {:02x?} → {:02x?}",
+                    "{which} cache unit {i} (an element, or a q8_0 block), outside every written slot, changed: {:02x?} → {:02x?}",
                     &before[i * size..][..size], &after[i * size..][..size]
                 )));
             }
@@ -278,6 +279,7 @@ proptest! {
             LayoutKind::TokenMajor => LayoutKind::HeadMajor,
         };
         other.pad = pad;
+        other.fit_q8_0(); // q8_0 rows are whole blocks
         let (a, b) = (attend(&ctx, &case)?, attend(&ctx, &other)?);
         if !same_bits(&a.reference, &b.reference) {
             let what = format!(
@@ -347,6 +349,7 @@ proptest! {
     /// reference, and both leave exactly the expected caches.
     #[test]
     fn fused_equals_append_then_attend(case in attention_case()) {
+        prop_assume!(case.dtype != Dtype::Q8_0, "q8_0 caches are not fused");
         let nq = case.n_queries.min(case.capacity);
         let seq_lens: Vec<usize> = case.seq_lens.iter().map(|&l| l.max(nq)).collect();
         let mut paged = case.paged;
@@ -376,7 +379,8 @@ proptest! {
     /// reference on both.
     #[test]
     fn gqa_equals_mha_with_repeated_kv_heads(case in attention_case()) {
-        // The relation rebuilds a contiguous cache by hand; fused inputs live outside it.
+        // The relation rebuilds a contiguous float cache by hand; fused inputs live outside it.
+        prop_assume!(case.dtype != Dtype::Q8_0);
         let case = AttentionCase { fused: false, paged: None, ..case };
         let ratio = case.n_q_heads / case.n_kv_heads;
         prop_assume!(ratio > 1);
@@ -501,7 +505,7 @@ fn strategies_reach_the_edge_triggers() {
     };
     let any = |f: &dyn Fn(&AttentionCase) -> bool| cases.iter().any(f);
     let dtypes: BTreeSet<&str> = cases.iter().map(|c| c.dtype.name()).collect();
-    need("every dtype", dtypes.len() == Dtype::ALL.len());
+    need("every dtype, q8_0 included", dtypes.len() == Dtype::ALL.len() + 1);
     for kind in [LayoutKind::HeadMajor, LayoutKind::TokenMajor] {
         need(&format!("{} with padding", kind.name()), any(&|c| c.layout == kind && c.pad > 0));
         need(&format!("{} without padding", kind.name()), any(&|c| c.layout == kind && c.pad == 0));
@@ -577,6 +581,13 @@ fn strategies_reach_the_edge_triggers() {
     need("a paged fused append + attend", any(&|c| c.fused && c.paged.is_some()));
     need("a paged forced split", any(&|c| c.split_chunk.is_some() && c.paged.is_some()));
     need("a paged append", any_append(&|c| c.paged.is_some()));
+    need("a q8_0 cache", any(&|c| c.dtype == Dtype::Q8_0));
+    need("a paged q8_0 cache", any(&|c| c.dtype == Dtype::Q8_0 && c.paged.is_some()));
+    need("q8_0 with padded rows", any(&|c| c.dtype == Dtype::Q8_0 && c.pad > 0));
+    need(
+        "a q8_0 append of hostile blocks",
+        any_append(&|c| c.dtype == Dtype::Q8_0 && c.data.values == AppendValues::Hostile),
+    );
     need("a paged append beside shared pages", any_append(&|c| c.paged.is_some_and(|p| p.shared_pages > 0)));
     assert!(missing.is_empty(), "the strategies never produced: {}", missing.join("; "));
 }

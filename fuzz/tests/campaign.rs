@@ -169,7 +169,7 @@ fn the_mix_reaches_every_trigger() {
     for len in [1, 63, 64, 65, 127, 128, 129, 97, 131, 257] {
         need(format!("length {len}"), any(&|c| c.seq_lens.contains(&len)));
     }
-    for dtype in Dtype::ALL {
+    for dtype in Dtype::ALL.into_iter().chain([Dtype::Q8_0]) {
         need(format!("{dtype}"), any(&|c| c.dtype == dtype));
     }
     for poison in [Poison::Nan, Poison::Inf, Poison::Garbage] {
@@ -289,7 +289,8 @@ fn a_clean_campaign_exits_0_with_a_summary_of_what_it_covered() {
     let s = summary(Path::new(&json));
     assert_eq!((s["cases"].as_u64(), s["failed"].as_u64()), (Some(40), Some(0)), "{s}");
     assert_eq!(s["ended_by"], "case budget");
-    assert!(s["buckets"]["kv_append.dtype"].as_object().is_some_and(|b| b.len() == 3), "{}", s["buckets"]);
+    // The three float types and q8_0.
+    assert!(s["buckets"]["kv_append.dtype"].as_object().is_some_and(|b| b.len() == 4), "{}", s["buckets"]);
     assert!(s["time_split_s"]["append"].as_f64().is_some_and(|t| t > 0.0), "{}", s["time_split_s"]);
     assert!(text(&out.stdout).contains("time per stage"));
     assert!(!dir.path().join("corpus").exists(), "a clean campaign wrote into the corpus");

@@ -72,7 +72,7 @@ impl DecodeShape {
 
     /// Bytes of K+V read once: 2 · Hkv · D · dtype size · kv · batch.
     pub fn kv_bytes(&self) -> u64 {
-        (2 * self.n_kv_heads * self.head_dim * self.dtype.size() * self.kv * self.batch) as u64
+        (2 * self.dtype.cache_bytes(self.n_kv_heads * self.head_dim * self.kv * self.batch)) as u64
     }
 
     /// The shape in `--shape` syntax, e.g. `h32:kv8:d128:len4096:f16` (`:batch{B}` and `:q{N}`
@@ -93,14 +93,14 @@ impl DecodeShape {
     }
 
     /// Parses `h{H}:kv{Hkv}:d{D}:len{L}[:dtype][:batch{B}][:q{N}][:cap{C}]` (fields in any order;
-    /// `b{B}` for `batch{B}`; the dtype is `f32`, `f16` or `bf16`, else `default_dtype`; the
+    /// `b{B}` for `batch{B}`; the dtype is `f32`, `f16`, `bf16` or `q8_0`, else `default_dtype`; the
     /// capacity is at least the length, and the length by default).
     pub fn parse(spec: &str, default_dtype: Dtype) -> Result<DecodeShape, String> {
         let mut fields: [Option<usize>; 7] = [None; 7]; // h, kv, d, len, batch, q, cap
         const NAMES: [&str; 7] = ["h", "kv", "d", "len", "batch", "q", "cap"];
         let mut dtype = None;
         for token in spec.split(':').map(str::trim) {
-            if let Some(d) = Dtype::ALL.into_iter().find(|d| d.name() == token) {
+            if let Some(d) = Dtype::ALL.into_iter().chain([Dtype::Q8_0]).find(|d| d.name() == token) {
                 if dtype.replace(d).is_some() {
                     return Err(format!("shape `{spec}`: the dtype is given twice"));
                 }
@@ -402,7 +402,7 @@ pub fn measure_slowed(
     let Plan { attention: p, append, seq_lens, starts, block_tables } = plan(ctx, shape, mode, config)?;
 
     let cache_elements = p.layout.min_elements();
-    let cache_bytes = (cache_elements * shape.dtype.size()) as u64;
+    let cache_bytes = shape.dtype.cache_bytes(cache_elements) as u64;
     let copies = rotation_copies(2 * cache_bytes, config.llc_bytes);
     let names: Vec<String> =
         (0..copies).flat_map(|c| [format!("bench.attention.k.{c}"), format!("bench.attention.v.{c}")]).collect();

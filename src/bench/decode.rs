@@ -103,7 +103,8 @@ pub fn measure_decode(
     kernels_us.sort_by(|a, b| b.1.total_cmp(&a.1));
     let host: f64 = generation.step_seconds[warmup..].iter().sum();
     let c = engine.config();
-    let kv_bytes = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_dtype.size() * context) as u64;
+    let kv_bytes =
+        (2 * kv_dtype.cache_bytes(c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context)) as u64;
     Ok(DecodeMeasurement {
         context,
         kv_dtype,

@@ -22,6 +22,19 @@ const BLOCK: usize = 1 << 16;
 /// `elements` values of `dtype`, uniform in [-1, 1), as the bytes a buffer of that dtype holds.
 pub fn finite_bytes(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng::stream(seed, dtype.name());
+    if dtype == Dtype::Q8_0 {
+        // Blocks of scale 1/127 and random int8 values: |x| ≤ 1 like the float types.
+        let blocks = dtype.cache_bytes(elements) / 34;
+        let scale = encode(Dtype::F16, 1.0 / 127.0) as u16;
+        return (0..blocks)
+            .flat_map(|_| {
+                let mut block = [0u8; 34];
+                block[..2].copy_from_slice(&scale.to_le_bytes());
+                block[2..].iter_mut().for_each(|q| *q = (rng.below(255) as i32 - 127) as i8 as u8);
+                block
+            })
+            .collect();
+    }
     let block: Vec<u32> = (0..BLOCK.min(elements)).map(|_| encode(dtype, (rng.unit() * 2.0 - 1.0) as f32)).collect();
     let size = dtype.size();
     let mut out = Vec::with_capacity(elements * size);

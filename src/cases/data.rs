@@ -12,7 +12,8 @@ use super::rng::Rng;
 use crate::implementation::SlotContract;
 use crate::kernels::attention::AttentionParams;
 use crate::kernels::kv_append::AppendParams;
-use crate::kernels::{CacheLayout, Dtype, ParamError};
+use crate::kernels::{CacheLayout, Dtype, ParamError, invalid};
+use vkdecode_reference::q8_0::{self, Q8_0_BLOCK_BYTES, QK8_0};
 
 /// Everything one attention call reads.
 #[derive(Clone, Debug)]
@@ -96,6 +97,23 @@ fn poison_bits(dtype: Dtype, poison: Poison, rng: &mut Rng) -> u32 {
     }
 }
 
+/// Poison for one q8_0 block: a NaN or Inf scale (with nonzero values, so every one decodes to
+/// NaN or ±Inf), random bytes, zeros, or a scale of ½ with |values| of 32..63.5.
+fn poison_block(block: &mut [u8], poison: Poison, rng: &mut Rng) {
+    let scale: u16 = match poison {
+        Poison::Nan => 0x7e00,
+        Poison::Inf => 0x7c00,
+        Poison::Large => 0x3800,
+        Poison::Zero => return block.fill(0),
+        Poison::Garbage => return block.iter_mut().for_each(|b| *b = rng.next_u32() as u8),
+    };
+    block[..2].copy_from_slice(&scale.to_le_bytes());
+    for q in &mut block[2..] {
+        let magnitude = 64 + rng.below(64) as i8;
+        *q = (if rng.below(2) == 0 { magnitude } else { -magnitude }) as u8;
+    }
+}
+
 /// Writes the element `bits` into every element of `bytes`.
 fn fill(dtype: Dtype, bytes: &mut [u8], bits: u32) {
     let size = dtype.size();
@@ -126,11 +144,8 @@ pub fn attention_inputs(case: &AttentionCase) -> Result<AttentionInputs, ParamEr
 /// [`SlotContract::Finite`], NaN, Inf and garbage poison become [`Poison::Large`].
 pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result<AttentionInputs, ParamError> {
     let params = case.params()?;
-    if !params.dtype.is_float() {
-        return Err(ParamError {
-            name: "dtype",
-            problem: format!("{} cases are not supported by the suite yet", params.dtype),
-        });
+    if params.dtype == Dtype::Q8_0 && params.fused {
+        return Err(invalid("fused", "q8_0 caches cannot be fused yet (the kernel quantizes only in kv_append)"));
     }
     let paged = case.paged_layout()?;
     let poison = case.data.poison.under(slots);
@@ -148,10 +163,14 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
     let q: Vec<f32> = (0..p.q_elements()).map(|_| draw(&mut rng, case.data.q)).collect();
 
     let n = layout.min_elements();
-    let mut k_bytes = vec![0u8; n * dtype.size()];
-    let mut v_bytes = vec![0u8; n * dtype.size()];
+    let mut k_bytes = vec![0u8; dtype.cache_bytes(n)];
+    let mut v_bytes = vec![0u8; dtype.cache_bytes(n)];
     let mut poison_rng = Rng::stream(seed, "poison");
-    if matches!(poison, Poison::Garbage | Poison::Large) {
+    if dtype == Dtype::Q8_0 {
+        for bytes in [&mut k_bytes, &mut v_bytes] {
+            bytes.chunks_exact_mut(Q8_0_BLOCK_BYTES).for_each(|b| poison_block(b, poison, &mut poison_rng));
+        }
+    } else if matches!(poison, Poison::Garbage | Poison::Large) {
         for i in 0..n {
             store(dtype, &mut k_bytes, i, poison_bits(dtype, poison, &mut poison_rng));
             store(dtype, &mut v_bytes, i, poison_bits(dtype, poison, &mut poison_rng));
@@ -167,6 +186,8 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
     let nq = p.n_queries;
     let mut new_k = vec![0f32; if p.fused { p.new_kv_elements() } else { 0 }];
     let mut new_v = new_k.clone();
+    // q8_0: a row's values, quantized block by block once drawn.
+    let (mut k_row, mut v_row) = (vec![0f32; p.head_dim], vec![0f32; p.head_dim]);
     for (b, &len) in case.seq_lens.iter().enumerate() {
         for h in 0..p.n_kv_heads {
             for pos in 0..len {
@@ -184,10 +205,24 @@ pub fn attention_inputs_for(case: &AttentionCase, slots: SlotContract) -> Result
                         kx = peak.gain * q[qi];
                     }
                     let vx = draw(&mut vrng, case.data.v);
-                    store(dtype, &mut k_bytes, i, encode(dtype, kx));
-                    store(dtype, &mut v_bytes, i, encode(dtype, vx));
+                    if dtype == Dtype::Q8_0 {
+                        (k_row[d], v_row[d]) = (kx, vx);
+                    } else {
+                        store(dtype, &mut k_bytes, i, encode(dtype, kx));
+                        store(dtype, &mut v_bytes, i, encode(dtype, vx));
+                    }
                     if let Some(base) = new_index {
                         (new_k[base + d], new_v[base + d]) = (kx, vx);
+                    }
+                }
+                if dtype == Dtype::Q8_0 {
+                    let at = place(b, h, pos, 0);
+                    for (which, row, bytes) in [("k", &k_row, &mut k_bytes), ("v", &v_row, &mut v_bytes)] {
+                        let blocks = q8_0::quantize_row(row).map_err(|e| {
+                            invalid("data", format!("{which} of sequence {b}, kv head {h}, position {pos}: {e}"))
+                        })?;
+                        let start = at / QK8_0 * Q8_0_BLOCK_BYTES;
+                        bytes[start..start + blocks.len()].copy_from_slice(&blocks);
                     }
                 }
             }
@@ -250,29 +285,53 @@ fn hostile(rng: &mut Rng, dtype: Dtype) -> f32 {
     f32::from_bits(bits)
 }
 
+/// One hostile q8_0 block, always one ggml defines (finite, amax in 127·2^-128..127·65504):
+/// exact ties after the multiply by 1/d, ±amax, a zero block, subnormal values beside a small
+/// amax, or normal values; d = 2^-40..2^15.
+fn hostile_block(rng: &mut Rng) -> [f32; QK8_0] {
+    let scale = 2f32.powi(rng.below(56) as i32 - 40);
+    let sign = |rng: &mut Rng, x: f32| if rng.below(2) == 0 { x } else { -x };
+    let mut x: [f32; QK8_0] = match rng.below(6) {
+        // d = 127·s/127 = s exactly, so (j + ½)·s multiplies to a tie.
+        0 => std::array::from_fn(|_| {
+            let x = (rng.below(127) as f32 + 0.5) * scale;
+            sign(rng, x)
+        }),
+        1 => std::array::from_fn(|_| {
+            let x = rng.unit() as f32 * 127.0 * scale;
+            sign(rng, x)
+        }),
+        2 => return [0.0; QK8_0],
+        3 => std::array::from_fn(|_| {
+            let x = f32::from_bits(rng.below(0x0080_0000) as u32);
+            sign(rng, x)
+        }),
+        _ => std::array::from_fn(|_| (rng.normal() * f64::from(scale)) as f32),
+    };
+    // Pin amax: ±127·s at a random place (the ties above need exactly this scale; subnormals need
+    // a normal amax beside them).
+    let at = rng.below(QK8_0 as u64) as usize;
+    x[at] = sign(rng, 127.0 * scale);
+    x
+}
+
 /// Materializes an append case.
 pub fn append_inputs(case: &AppendCase) -> Result<AppendInputs, ParamError> {
     let params = case.params()?;
-    if !params.dtype.is_float() {
-        return Err(ParamError {
-            name: "dtype",
-            problem: format!("{} cases are not supported by the suite yet", params.dtype),
-        });
-    }
     let paged = case.paged_layout()?;
     let seed = case.data.seed;
     let n_new = params.new_elements();
     let value = |stream: &str| {
         let mut rng = Rng::stream(seed, stream);
-        (0..n_new)
-            .map(|_| match case.data.values {
-                AppendValues::Normal => rng.normal() as f32,
-                AppendValues::Hostile => hostile(&mut rng, params.dtype),
-            })
-            .collect::<Vec<f32>>()
+        match (case.data.values, params.dtype) {
+            // Rows are whole blocks (head_dim is a multiple of 32), so blocks never straddle rows.
+            (AppendValues::Hostile, Dtype::Q8_0) => (0..n_new / QK8_0).flat_map(|_| hostile_block(&mut rng)).collect(),
+            (AppendValues::Hostile, dtype) => (0..n_new).map(|_| hostile(&mut rng, dtype)).collect(),
+            (AppendValues::Normal, _) => (0..n_new).map(|_| rng.normal() as f32).collect::<Vec<f32>>(),
+        }
     };
     let (new_k, new_v) = (value("new_k"), value("new_v"));
-    let bytes = params.layout.min_elements() * params.dtype.size();
+    let bytes = params.dtype.cache_bytes(params.layout.min_elements());
     let mut canary = Rng::stream(seed, "canary");
     let k_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();
     let v_before = (0..bytes).map(|_| canary.next_u32() as u8).collect();

@@ -190,7 +190,59 @@ pub fn grid() -> Vec<GridCase> {
         };
         out.push(GridCase { name, case: Case::KvAppend(case) });
     }
+    q8_0_points(&mut out);
     out
+}
+
+/// q8_0 caches: attention over several head dims and GQA ratios, padded rows, split chunks and a
+/// paged pool; appends of hostile blocks, contiguous and paged.
+fn q8_0_points(out: &mut Vec<GridCase>) {
+    let q8 = Dtype::Q8_0;
+    for (shape, lens, capacity, split) in [
+        ((8, 2, 128), vec![150, 64, 3], 160, None),
+        ((4, 1, 64), vec![65, 1], 96, Some(64)),
+        ((4, 2, 256), vec![131], 140, None),
+        ((6, 6, 32), vec![63, 0, 128], 128, Some(64)),
+    ] {
+        let (h, hkv, d) = shape;
+        let name = format!("grid/attention/q8_0/h{h}-kv{hkv}-d{d}/len{}", lens[0]);
+        let mut c = base(q8, shape, lens, capacity);
+        c.split_chunk = split;
+        if d == 64 {
+            c.layout = LayoutKind::TokenMajor;
+            c.pad = 32;
+            c.data.poison = Poison::Garbage;
+        }
+        out.push(attention(name, c));
+    }
+    let mut c = base(q8, (8, 2, 128), vec![150, 64, 3], 160);
+    c.paged = Some(Paged { page_size: 16, order: PageOrder::Shuffled, shared_pages: 0, spare_pages: 1 });
+    c.split_chunk = Some(64);
+    out.push(attention("grid/attention/q8_0/paged-16-split-64".into(), c));
+    for (paged, layout, pad) in [(None, LayoutKind::HeadMajor, 0), (Some(8), LayoutKind::TokenMajor, 32)] {
+        let name =
+            format!("grid/kv_append/q8_0/kv2-d64-new5{}", paged.map_or(String::new(), |p| format!("-paged-{p}")));
+        let case = AppendCase {
+            description: String::new(),
+            dtype: q8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            n_new: 5,
+            starts: vec![5, 11],
+            capacity: 24,
+            layout,
+            pad,
+            paged: paged.map(|page_size| Paged {
+                page_size,
+                order: PageOrder::Reverse,
+                shared_pages: 0,
+                spare_pages: 1,
+            }),
+            data: AppendData { seed: seed_of(&name), values: AppendValues::Hostile },
+            expect: Expect::Pass,
+        };
+        out.push(GridCase { name, case: Case::KvAppend(case) });
+    }
 }
 
 #[cfg(test)]

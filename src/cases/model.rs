@@ -192,6 +192,11 @@ impl Paged {
     }
 }
 
+/// Head dim and row pad rounded up to whole q8_0 blocks (32 values), head dim at most 256.
+fn q8_0_geometry(head_dim: usize, pad: usize) -> (usize, usize) {
+    (head_dim.next_multiple_of(32).min(crate::kernels::MAX_HEAD_DIM), pad.next_multiple_of(32))
+}
+
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
@@ -490,6 +495,22 @@ impl AttentionCase {
         })
     }
 
+    /// What a q8_0 cache needs of a drawn case (a no-op for other dtypes): head_dim and pad
+    /// multiples of 32, no fused step, and values ggml can quantize (normal std at least 1e-30:
+    /// a block's amax must stay above 127·2^-128).
+    pub fn fit_q8_0(&mut self) {
+        if self.dtype != Dtype::Q8_0 {
+            return;
+        }
+        (self.head_dim, self.pad) = q8_0_geometry(self.head_dim, self.pad);
+        self.fused = false;
+        for dist in [&mut self.data.q, &mut self.data.k, &mut self.data.v] {
+            if let Dist::Normal { std, .. } = dist {
+                *std = std.max(1e-30);
+            }
+        }
+    }
+
     /// The pool and block tables of a paged case (`None` for a contiguous cache).
     pub fn paged_layout(&self) -> Result<Option<PagedLayout>, ParamError> {
         let n_seqs = self.seq_lens.len();
@@ -545,6 +566,14 @@ impl AppendCase {
             layout,
             paging,
         })
+    }
+
+    /// What a q8_0 cache needs of a drawn case (a no-op for other dtypes): head_dim and pad
+    /// multiples of 32.
+    pub fn fit_q8_0(&mut self) {
+        if self.dtype == Dtype::Q8_0 {
+            (self.head_dim, self.pad) = q8_0_geometry(self.head_dim, self.pad);
+        }
     }
 
     /// The pool and block tables of a paged case (`None` for a contiguous cache).

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use vkdecode_reference::dtype::{decode, load};
+use vkdecode_reference::q8_0::{Q8_0_BLOCK_BYTES, QK8_0};
 use vkdecode_reference::{AttentionOptions, AttentionShape, decode_attention_with};
 
 use super::data::{AppendInputs, AttentionInputs, append_inputs, attention_inputs_for, block_table_words};
@@ -566,18 +567,26 @@ pub fn judge_append_output(inputs: &AppendInputs, gpu_k: &Vec<u8>, gpu_v: &Vec<u
     (outcome, ref_k, ref_v)
 }
 
-/// Compares caches after an append element by element, bit for bit.
+/// Compares caches after an append element by element (q8_0: byte by byte), bit for bit.
 pub fn check_append(inputs: &AppendInputs, caches: [(&str, &Vec<u8>, &Vec<u8>); 2]) -> Outcome {
     let p = &inputs.params;
     let dtype = p.dtype;
+    let float = dtype.is_float();
+    let unit = if float { dtype.size() } else { 1 };
     let mut mismatches = 0;
     let mut detail = None;
     let mut checked = 0;
     for (which, got, want) in caches {
         checked += got.len();
-        for i in 0..got.len() / dtype.size() {
-            let (g, w) = (load(dtype, got, i), load(dtype, want, i));
+        for i in 0..got.len() / unit {
+            let (g, w) = if float {
+                (load(dtype, got, i), load(dtype, want, i))
+            } else {
+                (u32::from(got[i]), u32::from(want[i]))
+            };
             if g != w {
+                // The element of this unit (q8_0: the first of its block; rows are whole blocks).
+                let e = if float { i } else { i / Q8_0_BLOCK_BYTES * QK8_0 };
                 mismatches += 1;
                 if detail.is_none() {
                     let written = (0..p.n_seqs).any(|b| {
@@ -588,16 +597,23 @@ pub fn check_append(inputs: &AppendInputs, caches: [(&str, &Vec<u8>, &Vec<u8>); 
                                     Some(paged) => paged.offset(b, h, pos, 0),
                                     None => p.layout.offset(b, h, pos, 0),
                                 };
-                                (base..base + p.head_dim).contains(&i)
+                                (base..base + p.head_dim).contains(&e)
                             })
                         })
                     });
                     let what = if written { "a written slot" } else { "an element outside the written slots" };
-                    detail = Some(format!(
-                        "{which} cache element {i} ({what}): bits {g:#06x} ({:e}), reference {w:#06x} ({:e})",
-                        decode(dtype, g),
-                        decode(dtype, w)
-                    ));
+                    detail = Some(if float {
+                        format!(
+                            "{which} cache element {i} ({what}): bits {g:#06x} ({:e}), reference {w:#06x} ({:e})",
+                            decode(dtype, g),
+                            decode(dtype, w)
+                        )
+                    } else {
+                        format!(
+                            "{which} cache byte {i} (q8_0 block {}, {what}): {g:#04x}, reference {w:#04x}",
+                            i / Q8_0_BLOCK_BYTES
+                        )
+                    });
                 }
             }
         }

@@ -73,9 +73,10 @@ pub fn attention_work(case: &AttentionCase) -> usize {
     positions * case.n_queries * case.n_q_heads * case.head_dim
 }
 
-/// Any cache dtype, shrinking to f32.
+/// Any cache dtype, q8_0 one draw in five, shrinking to f32. A q8_0 draw is made valid by the
+/// case's `fit_q8_0`.
 pub fn dtype() -> impl Strategy<Value = Dtype> {
-    select(Dtype::ALL.to_vec())
+    prop_oneof![4 => select(Dtype::ALL.to_vec()), 1 => Just(Dtype::Q8_0)]
 }
 
 /// A head dim the kernels take: mostly from the contract, sometimes a small or odd multiple of 8.
@@ -289,6 +290,7 @@ impl AttentionDraw {
             let nq = case.n_queries;
             case.seq_lens.iter_mut().for_each(|l| *l = (*l).max(nq));
         }
+        case.fit_q8_0();
         fit_work(&mut case, limits.max_work);
         if let Some(paged) = &mut case.paged {
             // A fused step writes its new tokens; they must not land in shared pages.
@@ -320,6 +322,7 @@ impl AttentionDraw {
             }
         };
         case.description = format!("proptest: {regime}");
+        case.fit_q8_0(); // again: the regime's distributions
         case
     }
 }
@@ -427,7 +430,7 @@ pub fn append_case() -> impl Strategy<Value = AppendCase> {
             if let Some(paged) = &mut paged {
                 paged.clamp_shared(capacity, starts.iter().copied().min());
             }
-            AppendCase {
+            let mut case = AppendCase {
                 description: String::new(),
                 dtype,
                 n_kv_heads,
@@ -440,7 +443,9 @@ pub fn append_case() -> impl Strategy<Value = AppendCase> {
                 paged,
                 data: AppendData { seed, values },
                 expect: Expect::Pass,
-            }
+            };
+            case.fit_q8_0();
+            case
         },
     )
 }

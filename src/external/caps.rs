@@ -54,6 +54,12 @@ impl CapsFile {
         if let Some(s) = decl.slots {
             capabilities.unread_slots = s.unread;
         }
+        if capabilities.dtypes.contains(&crate::kernels::Dtype::Q8_0) {
+            return Err(format!(
+                "{}: capabilities.dtypes: case folders do not carry q8_0 caches yet; remove q8_0",
+                path.display()
+            ));
+        }
         if capabilities.paged {
             return Err(format!(
                 "{}: capabilities.paged: case folders do not carry block tables yet; remove it",

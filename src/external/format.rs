@@ -381,7 +381,7 @@ pub fn read_out(dir: &Path, params: &crate::kernels::attention::AttentionParams)
 
 /// The raw caches a runner wrote back (appends, fused attention): the inputs' type and size.
 pub fn read_caches(dir: &Path, dtype: Dtype, bytes: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let shape = [bytes / dtype.size()];
+    let shape = [if dtype.is_float() { bytes / dtype.size() } else { bytes }];
     let k = read_result_array(dir, "k_cache", &shape, &[raw_descr(dtype)])?;
     let v = read_result_array(dir, "v_cache", &shape, &[raw_descr(dtype)])?;
     Ok((k.data, v.data))

@@ -5,8 +5,9 @@
 //! still works).
 //!
 //! The same struct is the `[capabilities]` table of a manifest and of `--caps` files, so every
-//! field has a serde default that admits what vkdecode's own kernels admit, except `paged`: a
-//! paged cache needs block tables the manifest and case-folder formats do not carry yet.
+//! field has a serde default that admits what vkdecode's own kernels admit, except `paged` and
+//! the `q8_0` dtype: block tables and q8_0 blocks have no place in the manifest and case-folder
+//! formats yet.
 
 use serde::{Deserialize, Serialize};
 
@@ -213,9 +214,12 @@ fn map_into<T: Copy + PartialEq>(x: T, options: &[T], all: &[T]) -> T {
 }
 
 impl Capabilities {
-    /// What vkdecode's own kernels support: everything the defaults admit, and paged caches.
+    /// What vkdecode's own kernels support: everything the defaults admit, paged caches and
+    /// q8_0 caches.
     pub fn builtin() -> Capabilities {
-        Capabilities { paged: true, ..Capabilities::default() }
+        let mut dtypes = all_dtypes();
+        dtypes.push(Dtype::Q8_0);
+        Capabilities { paged: true, dtypes, ..Capabilities::default() }
     }
 
     pub fn has(&self, option: AttentionOption) -> bool {

@@ -145,12 +145,13 @@ impl HarnessMutant {
             HarnessMutant::SwapKvHeads => {
                 let p = &inputs.params;
                 if p.n_kv_heads > 1 {
-                    let size = p.dtype.size();
+                    // Byte offsets (cache_bytes maps a row-aligned element offset to its byte).
+                    let bytes = |e: usize| p.dtype.cache_bytes(e);
                     // Every "sequence" of the layout: for a paged cache, every page of the pool.
                     for b in 0..p.layout.n_seqs {
                         for pos in 0..p.layout.capacity {
-                            let (a, c) = (p.layout.offset(b, 0, pos, 0) * size, p.layout.offset(b, 1, pos, 0) * size);
-                            let row = p.head_dim * size;
+                            let (a, c) = (bytes(p.layout.offset(b, 0, pos, 0)), bytes(p.layout.offset(b, 1, pos, 0)));
+                            let row = bytes(p.head_dim);
                             let tmp = wrong.k_bytes[a..a + row].to_vec();
                             wrong.k_bytes.copy_within(c..c + row, a);
                             wrong.k_bytes[c..c + row].copy_from_slice(&tmp);

@@ -335,6 +335,12 @@ impl Manifest {
             return Err(err("kernel", format!("`{}`: manifests describe `attention` kernels", decl.kernel)));
         }
         decl.capabilities.validate().map_err(|p| err("capabilities", p))?;
+        if decl.capabilities.dtypes.contains(&crate::kernels::Dtype::Q8_0) {
+            return Err(err(
+                "capabilities.dtypes",
+                "manifests have no binding role for q8_0 blocks yet; remove q8_0".into(),
+            ));
+        }
         if decl.capabilities.paged {
             return Err(err(
                 "capabilities.paged",

@@ -166,8 +166,9 @@ pub fn append_template() -> AppendCase {
         .clone()
 }
 
+/// Any cache dtype, q8_0 one draw in five (made valid by the case's `fit_q8_0`).
 fn dtype() -> impl Strategy<Value = Dtype> {
-    select(Dtype::ALL.to_vec())
+    prop_oneof![4 => select(Dtype::ALL.to_vec()), 1 => Just(Dtype::Q8_0)]
 }
 
 /// Every head dim the kernels take (multiples of 8 up to 256), shrinking towards 64.
@@ -410,10 +411,12 @@ pub fn adversarial_attention() -> impl Strategy<Value = AttentionCase> {
                 poison,
             }
             .into_case();
+            case.fit_q8_0();
             case.scale = scale;
             fit_work(&mut case, CAMPAIGN_MAX_WORK);
             options.apply(&mut case);
             regime.apply(&mut case);
+            case.fit_q8_0(); // again: the regime's distributions
             case.description = format!("vkdecode-fuzz adversarial: {}", regime.name());
             case
         },
@@ -474,10 +477,13 @@ pub fn long_attention() -> impl Strategy<Value = AttentionCase> {
                 poison,
             }
             .into_case();
+            case.fit_q8_0();
             fit_work(&mut case, LONG_MAX_WORK);
-            // Bound the cache: sequences first, then halve the head dim (staying a multiple of 8).
+            // Bound the cache: sequences first, then halve the head dim (staying a multiple of 8,
+            // or of a q8_0 block).
+            let block = if case.dtype == Dtype::Q8_0 { 32 } else { 8 };
             while cache_elements(&case) > LONG_MAX_CACHE_ELEMENTS
-                || cache_elements(&case) * dtype.size() > PORTABLE_BUFFER_BYTES
+                || dtype.cache_bytes(cache_elements(&case)) > PORTABLE_BUFFER_BYTES
             {
                 if case.seq_lens.len() > 1 {
                     case.seq_lens.pop();
@@ -487,13 +493,14 @@ pub fn long_attention() -> impl Strategy<Value = AttentionCase> {
                     case.n_q_heads = case.n_kv_heads * ratio;
                 } else if case.pad > 0 {
                     case.pad = 0;
-                } else if case.head_dim > 8 {
-                    case.head_dim = (case.head_dim / 2).next_multiple_of(8);
+                } else if case.head_dim > block {
+                    case.head_dim = (case.head_dim / 2).next_multiple_of(block);
                 } else {
                     break;
                 }
             }
             regime.apply(&mut case);
+            case.fit_q8_0();
             case.description = format!("vkdecode-fuzz long cache: {}", regime.name());
             case
         },
@@ -576,6 +583,7 @@ pub fn adversarial_append() -> impl Strategy<Value = AppendCase> {
                     break;
                 }
             }
+            case.fit_q8_0();
             // Paged pools only for short caches: a long one's pages would pass the portable size.
             if short && let Some(mut paged) = paged {
                 paged.clamp_shared(case.capacity, case.starts.iter().copied().min());
