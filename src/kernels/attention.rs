@@ -827,12 +827,10 @@ mod tests {
     use crate::reference::qwen3::{qk_norm_rope, rope_inv_freq};
     use crate::reference::{AttentionOptions, AttentionShape, PagedLayout, decode_attention_with, dtype};
 
+    use crate::kernels::test_support::upload;
+
     const EPS: f32 = 1e-6;
     const THETA: f64 = 1e6;
-
-    fn upload(ctx: &Arc<Context>, name: &str, bytes: &[u8], location: Location) -> Buffer {
-        Buffer::with_bytes(ctx, name, bytes, location).expect("buffer")
-    }
 
     /// The `_qk` variants against the reference: q and the new K raw, the CPU reference applying
     /// `qk_norm_rope` (f64, rounded once) before attending over what the GPU wrote to the cache.

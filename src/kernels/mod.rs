@@ -19,6 +19,8 @@ pub mod layers;
 mod paged_tests;
 #[cfg(test)]
 mod q8_0_tests;
+#[cfg(test)]
+mod test_support;
 
 pub use vkdecode_reference::{CacheLayout, Dtype};
 

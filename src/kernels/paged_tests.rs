@@ -10,8 +10,9 @@
 
 use std::sync::Arc;
 
-use super::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, zeroed_counters};
+use super::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams};
 use super::kv_append::{self, AppendBuffers, AppendMutant, AppendParams};
+use super::test_support::{read_f32, split_scratch, upload};
 use super::{CacheLayout, Dtype, Paging, ParamError, words};
 use crate::cases::rng::Rng;
 use crate::cases::run::f32_bytes;
@@ -148,10 +149,6 @@ impl Cache {
     }
 }
 
-fn upload(ctx: &Arc<Context>, name: &str, bytes: &[u8], location: Location) -> Buffer {
-    Buffer::with_bytes(ctx, name, bytes, location).expect("buffer")
-}
-
 fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
 }
@@ -259,11 +256,7 @@ fn check_attention_case(
     let k_cache = upload(ctx, "k_pool", &pools[0], Location::Readback);
     let v_cache = upload(ctx, "v_pool", &pools[1], Location::Readback);
     let out = upload(ctx, "out", &f32_bytes(&vec![f32::NAN; q.len()]), Location::Readback);
-    let po =
-        Buffer::new(ctx, "partial_o", params.partial_o_bytes(ctx.info()).max(4), Location::Device).expect("buffer");
-    let pml =
-        Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(ctx.info()).max(8), Location::Device).expect("buffer");
-    let counters = zeroed_counters(ctx, &params).expect("buffer");
+    let (po, pml, counters) = split_scratch(ctx, &params);
     let tables = cache.tables_buffer(ctx, "block_tables");
     let bufs = AttentionBuffers {
         q: &qb,
@@ -289,8 +282,7 @@ fn check_attention_case(
     same_bytes(&what, "V pool", dtype, &v_gpu, &want[1])?;
 
     let ((k, view), (v, _)) = (cache.view(dtype, &want[0]), cache.view(dtype, &want[1]));
-    let got: Vec<f32> =
-        out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let got = read_f32(&out);
     let shape = AttentionShape { n_seqs, n_queries: nq, n_q_heads: hq, n_kv_heads: hkv, head_dim: d };
     let reference = Reference { shape, q: &q, k: &k, v: &v, view: &view, seq_lens: &case.seq_lens };
     reference.compare(&what, &got, params.scale, case.window)
@@ -840,11 +832,7 @@ fn pages_outside_the_pool_are_never_read_or_written() {
         let (qb, lens) = (up("q", &f32_bytes(&q)), up("seq_lens", &words(&[len as u32])));
         let cache = up("pool", &f32_bytes(&values));
         let out = upload(&ctx, "out", &f32_bytes(&[f32::NAN; 64]), Location::Readback);
-        let po = Buffer::new(&ctx, "partial_o", params.partial_o_bytes(ctx.info()).max(4), Location::Device)
-            .expect("buffer");
-        let pml = Buffer::new(&ctx, "partial_ml", params.partial_ml_bytes(ctx.info()).max(8), Location::Device)
-            .expect("buffer");
-        let counters = zeroed_counters(&ctx, &params).expect("buffer");
+        let (po, pml, counters) = split_scratch(&ctx, &params);
         let bufs = AttentionBuffers {
             q: &qb,
             seq_lens: &lens,
@@ -863,8 +851,7 @@ fn pages_outside_the_pool_are_never_read_or_written() {
         let mut rec = Recorder::new(&ctx).expect("recorder");
         attention::record(&mut rec, &ctx, &params, bufs, None).expect(&what);
         rec.submit().expect("submit");
-        let got: Vec<f32> =
-            out.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let got = read_f32(&out);
         // The reference: entries 1 and 2 through two pages of zeros (ids 4 and 5 past the slack).
         let mut zeroed = values.clone();
         zeroed.resize(zeroed.len() + 2 * slack.stride_page, 0.0);

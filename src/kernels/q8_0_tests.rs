@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
-use super::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams, zeroed_counters};
+use super::attention::{self, AttentionBuffers, AttentionMutant, AttentionParams};
 use super::kv_append::{self, AppendBuffers, AppendMutant, AppendParams};
+use super::test_support::{read_f32, split_scratch, upload};
 use super::{CacheLayout, Dtype, Paging, ParamError, words};
 use crate::cases::rng::Rng;
 use crate::cases::run::f32_bytes;
@@ -18,14 +19,6 @@ use crate::reference::{AttentionOptions, AttentionShape, PagedLayout, decode_att
 
 /// The scale bits of a poisoned block: f16 NaN.
 const POISON_SCALE: [u8; 2] = [0x00, 0x7e];
-
-fn upload(ctx: &Arc<Context>, name: &str, bytes: &[u8], location: Location) -> Buffer {
-    Buffer::with_bytes(ctx, name, bytes, location).expect("buffer")
-}
-
-fn read_f32(buffer: &Buffer) -> Vec<f32> {
-    buffer.read().expect("read").chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-}
 
 /// A q8_0 cache: the kernels' layout (the pool when paged), the reference's paged layout and the
 /// tables as the kernels take them.
@@ -517,11 +510,7 @@ fn check_attention_case(
     let (qb, lens_b) = (up("q", &f32_bytes(&q)), up("seq_lens", &words(&lens)));
     let (k_cache, v_cache) = (up("k_cache", &caches[0]), up("v_cache", &caches[1]));
     let out = upload(ctx, "out", &f32_bytes(&vec![f32::NAN; q.len()]), Location::Readback);
-    let po =
-        Buffer::new(ctx, "partial_o", params.partial_o_bytes(ctx.info()).max(4), Location::Device).expect("buffer");
-    let pml =
-        Buffer::new(ctx, "partial_ml", params.partial_ml_bytes(ctx.info()).max(8), Location::Device).expect("buffer");
-    let counters = zeroed_counters(ctx, &params).expect("buffer");
+    let (po, pml, counters) = split_scratch(ctx, &params);
     let tables = cache.tables_buffer(ctx);
     let bufs = AttentionBuffers {
         q: &qb,
@@ -609,11 +598,7 @@ fn q8_scale_of_next_block_is_caught_and_spares_other_dtypes() {
         let up = |name: &str, bytes: &[u8]| upload(&ctx, name, bytes, Location::Upload);
         let (qb, lens, kv) = (up("q", &f32_bytes(&q)), up("seq_lens", &words(&[100])), up("kv", &cache));
         let out = upload(&ctx, "out", &f32_bytes(&vec![0.0; q.len()]), Location::Readback);
-        let po = Buffer::new(&ctx, "partial_o", params.partial_o_bytes(ctx.info()).max(4), Location::Device)
-            .expect("buffer");
-        let pml = Buffer::new(&ctx, "partial_ml", params.partial_ml_bytes(ctx.info()).max(8), Location::Device)
-            .expect("buffer");
-        let counters = zeroed_counters(&ctx, &params).expect("buffer");
+        let (po, pml, counters) = split_scratch(&ctx, &params);
         let bufs = AttentionBuffers {
             q: &qb,
             seq_lens: &lens,
